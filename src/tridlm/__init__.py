@@ -1,0 +1,10 @@
+"""tridlm: one set of weights, three ways to write -- autoregressive, block diffusion, self-speculation."""
+
+from .cache import KVCache
+from .checkpoint import CheckpointError, load, save
+from .config import ModelConfig, RopeParameters
+from .model import TriModeLM
+from .tokenizer import Tokenizer
+
+__all__ = ["KVCache", "CheckpointError", "ModelConfig", "RopeParameters", "TriModeLM", "Tokenizer", "load", "save"]
+__version__ = "0.1.0"

@@ -1,0 +1,282 @@
+"""The tri-mode transformer: a Ministral3/Llama decoder whose attention pattern is chosen per call.
+
+Parameter names are those of the released NLD checkpoints (`encoder.*`, `diffusion_head.weight`),
+so a released checkpoint loads with no renaming. The model knows nothing about decoding modes: a
+caller gives token ids, their absolute positions, an optional KV cache, and a pattern.
+
+Logit conventions (spec §2.1): with the ``block``/``dual``-noisy patterns the logits at position i
+predict token i; with ``causal`` they predict token i+1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig, RopeParameters, llama4_query_scale
+from .masks import full_mask, new_token_mask
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1.0 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_frequencies(rp: RopeParameters, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim/2] and the cos/sin scale ("attention factor") for a rope type."""
+    base, dim = rp.rope_theta, head_dim
+    # always built on the CPU in float64, even under a meta-device context; cast at use
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
+    inv_freq = 1.0 / pos_freqs
+    if rp.rope_type == "default":
+        return inv_freq.float(), 1.0
+    if rp.rope_type == "linear":
+        return (inv_freq / rp.factor).float(), 1.0
+    # YaRN: interpolate low frequencies, extrapolate high ones, with a linear ramp between.
+    f = rp.factor
+    orig = rp.original_max_position_embeddings
+    if orig is None:
+        raise ValueError("yarn rope needs original_max_position_embeddings")
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(rp.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(rp.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp
+    inv_freq = (inv_freq / f) * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
+    if rp.mscale and rp.mscale_all_dim:
+        attention_factor = _yarn_mscale(f, rp.mscale) / _yarn_mscale(f, rp.mscale_all_dim)
+    else:
+        attention_factor = _yarn_mscale(f)
+    return inv_freq.float(), attention_factor
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, q_scale, layer: int, ctx: _AttnContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if q_scale is not None:  # Llama-4 scaling, applied after RoPE
+            q = q * q_scale
+        keys, values = ctx.keys_values(layer, k, v)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(c)
+        self.mlp = MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, q_scale, layer: int, ctx: _AttnContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, q_scale, layer, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class _AttnContext:
+    """What every layer of one forward shares: the key-space mask and how to get keys/values."""
+
+    def __init__(self, cache: KVCache | None, write: bool, mask: torch.Tensor | None, uniform: int | None):
+        self.cache, self.write, self.mask, self.uniform = cache, write, mask, uniform
+        self.key_len = 0
+
+    def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        c = self.cache
+        if c is None:
+            return k, v
+        if self.write:
+            c.write(layer, k, v, self.uniform)
+            return c.k[layer, :, :, :self.key_len], c.v[layer, :, :, :self.key_len]
+        n_prefix = self.key_len - k.shape[2]
+        return (torch.cat([c.k[layer, :, :, :n_prefix], k], dim=2),
+                torch.cat([c.v[layer, :, :, :n_prefix], v], dim=2))
+
+
+class TriModeLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.diffusion_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.diffusion_head.weight = self.encoder.embed_tokens.weight
+        # a plain attribute, not a buffer: `.to(bfloat16)` must not round the frequencies
+        self.inv_freq, self.attention_factor = rope_frequencies(config.rope_parameters, config.head_dim)
+        self.tokenizer = None  # attached by tridlm.load when the folder has one
+
+    # -- helpers ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.diffusion_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.diffusion_head.weight.dtype
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return KVCache.for_model(self, batch_size, max_len)
+
+    def _rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos = (emb.cos() * self.attention_factor).to(dtype)[:, None]
+        sin = (emb.sin() * self.attention_factor).to(dtype)[:, None]
+        rp = self.config.rope_parameters
+        q_scale = None
+        if rp.llama_4_scaling_beta is not None:
+            orig = rp.original_max_position_embeddings or self.config.max_position_embeddings
+            if int(positions.max()) >= orig:  # the scale is exactly 1 below `orig`: skip the multiply
+                q_scale = llama4_query_scale(positions, rp.llama_4_scaling_beta, orig).to(dtype)[:, None, :, None]
+        return cos, sin, q_scale
+
+    # -- the one forward -------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        pattern="causal",
+        write_cache: bool | None = None,
+        block_size: int | None = None,
+        valid: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] for `input_ids` [B, T] at absolute `positions` [B, T].
+
+        cache: prefix KV; its rows' lengths say how much of it each row sees.
+        pattern: "causal" | "block" | "dual" | bool tensor [T, T] / [B, T, T] among the new tokens.
+        write_cache: store the new keys/values (default: True for causal, False otherwise).
+        valid: [B, T] bool, False for padding among the new tokens (their cache slots are written
+            but the row's length advances only by its valid count).
+        logits_at: [B, K] indices into T; only those positions get logits ([B, K, V]).
+        """
+        B, T = input_ids.shape
+        dev = input_ids.device
+        if positions is None:
+            start = cache.lengths[:, None] if cache is not None else 0
+            positions = start + torch.arange(T, device=dev)[None, :].expand(B, T)
+        if write_cache is None:
+            write_cache = isinstance(pattern, str) and pattern == "causal"
+        if pattern == "dual" and cache is not None:
+            raise ValueError("the dual (training) pattern does not use a KV cache")
+
+        x = self.encoder.embed_tokens(input_ids)
+        cos, sin, q_scale = self._rope(positions, x.dtype)
+        ctx = self._attention_context(B, T, pattern, block_size, cache, write_cache, valid, dev)
+        for i, layer in enumerate(self.encoder.layers):
+            x = layer(x, cos, sin, q_scale, i, ctx)
+        if cache is not None and write_cache:
+            cache.advance(valid.sum(1) if valid is not None else T)
+        x = self.encoder.norm(x)
+        if logits_at is not None:
+            x = torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
+        if return_hidden:
+            return x
+        return self.diffusion_head(x)
+
+    def _attention_context(self, B, T, pattern, block_size, cache, write, valid, dev) -> _AttnContext:
+        nm = new_token_mask(pattern, T, block_size, dev)
+        if cache is None:
+            mask = None if (isinstance(pattern, str) and pattern == "block" and valid is None) else nm
+            if mask is not None and valid is not None:
+                zeros = torch.zeros(B, dtype=torch.long, device=dev)
+                mask = full_mask(nm, zeros, zeros, T, valid)
+            elif mask is not None:
+                mask = mask[None, None] if mask.dim() == 2 else mask[:, None]
+            return _AttnContext(None, False, mask, None)
+        if write:
+            cache.check_room(T)
+        uniform = cache.uniform_length()
+        prefix_lens = cache.lengths
+        if uniform is not None:
+            key_len = uniform + T
+            offsets = prefix_lens
+        elif write:
+            key_len = int(prefix_lens.max()) + T
+            offsets = prefix_lens
+        else:
+            key_len = int(prefix_lens.max()) + T
+            offsets = torch.full_like(prefix_lens, key_len - T)
+        all_new_visible = isinstance(pattern, str) and pattern == "block"
+        if uniform is not None and valid is None and (all_new_visible or T == 1):
+            mask = None  # every key is visible: let SDPA skip masking
+        else:
+            mask = full_mask(nm, prefix_lens, offsets, key_len, valid)
+        ctx = _AttnContext(cache, write, mask, uniform)
+        ctx.key_len = key_len
+        return ctx
+
+    def num_parameters(self) -> int:
+        seen, n = set(), 0
+        for p in self.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        return n
+
+    # -- entry points defined elsewhere, attached for a Hugging Face-like API ----------------
+    def save(self, path, tokenizer=None, **kwargs) -> None:
+        from .checkpoint import save
+
+        save(self, path, tokenizer=tokenizer or self.tokenizer, **kwargs)

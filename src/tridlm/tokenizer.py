@@ -1,0 +1,85 @@
+"""A thin wrapper over `tokenizers`: text <-> ids, special ids, and the chat template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+MASK_TOKEN = "<|mask|>"
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: _HFTokenizer, config: dict | None = None):
+        self.hf = tokenizer
+        self.config = dict(config or {})
+        self.chat_template: str | None = self.config.get("chat_template")
+        self.bos_id = self._special_id("bos_token")
+        self.eos_id = self._special_id("eos_token")
+        self.pad_id = self._special_id("pad_token")
+        self.mask_id = self._special_id("mask_token")
+        if self.mask_id is None:
+            self.mask_id = self.hf.token_to_id(MASK_TOKEN)
+
+    def _special_id(self, key: str) -> int | None:
+        tok = self.config.get(key)
+        if isinstance(tok, dict):  # {"content": "<s>", ...}
+            tok = tok.get("content")
+        return self.hf.token_to_id(tok) if tok else None
+
+    # -- files -------------------------------------------------------------------------------
+    @classmethod
+    def from_folder(cls, path) -> Tokenizer:
+        path = Path(path)
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {path}")
+        config = {}
+        tc = path / "tokenizer_config.json"
+        if tc.is_file():
+            config = json.loads(tc.read_text())
+        template = path / "chat_template.jinja"
+        if template.is_file() and "chat_template" not in config:
+            config["chat_template"] = template.read_text()
+        return cls(_HFTokenizer.from_file(str(tj)), config)
+
+    def save(self, path) -> None:
+        path = Path(path)
+        self.hf.save(str(path / "tokenizer.json"))
+        cfg = dict(self.config)
+        if self.chat_template is not None:
+            cfg["chat_template"] = self.chat_template
+        (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+    # -- text <-> ids ------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template (tokenizer_config.json 'chat_template' "
+                             "or chat_template.jinja); pass a plain prompt instead")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(msg):
+            raise jinja2.TemplateError(msg)
+
+        env.globals["raise_exception"] = raise_exception
+        tpl = env.from_string(self.chat_template)
+        special = {k: (v.get("content") if isinstance(v, dict) else v)
+                   for k, v in self.config.items() if k.endswith("_token")}
+        return tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)

@@ -120,7 +120,8 @@ def save(model: TriModeLM, path, tokenizer: Tokenizer | None = None, max_shard_b
                 save_file(shard, str(tmp / fname), metadata=meta)
                 weight_map.update(dict.fromkeys(shard, fname))
             total = sum(t.numel() * t.element_size() for t in sd.values())
-            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2))
         gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
                "mask_token_id": model.config.mask_token_id, "block_length": model.config.block_size,
                "threshold": 0.9}

@@ -1,0 +1,1 @@
+"""Training: the joint AR + block-diffusion objective, offline data, recipes and the trainer."""

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import lora
 from .config import ModelConfig
 from .model import TriModeLM
 from .tokenizer import Tokenizer
@@ -43,7 +44,7 @@ class CheckpointError(ValueError):
 # saving
 # ---------------------------------------------------------------------------------------------
 def _state_dict_for_saving(model: TriModeLM) -> dict[str, torch.Tensor]:
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".lora_" not in k}
     if model.config.tie_word_embeddings:
         sd.pop("diffusion_head.weight", None)  # stored once, as the embedding
     return sd
@@ -129,6 +130,8 @@ def save(model: TriModeLM, path, tokenizer: Tokenizer | None = None, max_shard_b
         (tmp / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)
+        if model.draft_adapter is not None:
+            lora.save(model, tmp / lora.ADAPTER_DIR)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
 
@@ -246,8 +249,13 @@ def validate(path) -> tuple[ModelConfig, dict[str, Path]]:
     return config, located
 
 
-def load(path, dtype: torch.dtype = torch.float32, device="cpu", load_tokenizer: bool = True) -> TriModeLM:
-    """Load a checkpoint folder into a TriModeLM (with `.tokenizer` attached when the folder has one)."""
+def load(path, dtype: torch.dtype = torch.float32, device="cpu", load_tokenizer: bool = True,
+         draft_adapter: bool | str | Path = True) -> TriModeLM:
+    """Load a checkpoint folder into a TriModeLM (with `.tokenizer` attached when the folder has one).
+
+    draft_adapter: True loads `<path>/linear_spec_lora` when present (NLD's optional LoRA drafter);
+    False skips it; a path loads the adapter from there.
+    """
     path = Path(path)
     config, located = validate(path)
     with torch.device("meta"):
@@ -266,6 +274,9 @@ def load(path, dtype: torch.dtype = torch.float32, device="cpu", load_tokenizer:
                     params[name].copy_(st.get_tensor(name))
     if config.tie_word_embeddings:
         model.diffusion_head.weight = model.encoder.embed_tokens.weight
+    adapter_dir = Path(draft_adapter) if isinstance(draft_adapter, str | Path) else path / lora.ADAPTER_DIR
+    if draft_adapter is not False and (adapter_dir.is_dir() or not isinstance(draft_adapter, bool)):
+        lora.load(model, adapter_dir)
     model = model.to(dtype).eval()
     if load_tokenizer and (path / "tokenizer.json").is_file():
         model.tokenizer = Tokenizer.from_folder(path)

@@ -161,6 +161,8 @@ class TriModeLM(nn.Module):
         # a plain attribute, not a buffer: `.to(bfloat16)` must not round the frequencies
         self.inv_freq, self.attention_factor = rope_frequencies(config.rope_parameters, config.head_dim)
         self.tokenizer = None  # attached by tridlm.load when the folder has one
+        self.draft_adapter: dict | None = None  # set by tridlm.lora.attach (a LoRA drafter)
+        self._draft_gate = None
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -201,6 +203,7 @@ class TriModeLM(nn.Module):
         valid: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
         return_hidden: bool = False,
+        draft: bool | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] for `input_ids` [B, T] at absolute `positions` [B, T].
 
@@ -210,6 +213,8 @@ class TriModeLM(nn.Module):
         valid: [B, T] bool, False for padding among the new tokens (their cache slots are written
             but the row's length advances only by its valid count).
         logits_at: [B, K] indices into T; only those positions get logits ([B, K, V]).
+        draft: which tokens are drafts, for a LoRA drafter (tridlm.lora): bool or [B, T] bool.
+            Default: every token of a "block" forward, the noisy half of a "dual" one, none otherwise.
         """
         B, T = input_ids.shape
         dev = input_ids.device
@@ -224,8 +229,14 @@ class TriModeLM(nn.Module):
         x = self.encoder.embed_tokens(input_ids)
         cos, sin, q_scale = self._rope(positions, x.dtype)
         ctx = self._attention_context(B, T, pattern, block_size, cache, write_cache, valid, dev)
-        for i, layer in enumerate(self.encoder.layers):
-            x = layer(x, cos, sin, q_scale, i, ctx)
+        if self._draft_gate is not None:
+            self._draft_gate.value = self._draft_gate_value(draft, pattern, B, T, x.dtype)
+        try:
+            for i, layer in enumerate(self.encoder.layers):
+                x = layer(x, cos, sin, q_scale, i, ctx)
+        finally:
+            if self._draft_gate is not None:
+                self._draft_gate.value = None
         if cache is not None and write_cache:
             cache.advance(valid.sum(1) if valid is not None else T)
         x = self.encoder.norm(x)
@@ -234,6 +245,24 @@ class TriModeLM(nn.Module):
         if return_hidden:
             return x
         return self.diffusion_head(x)
+
+    @staticmethod
+    def _draft_gate_value(draft, pattern, B, T, dtype):
+        if draft is None:
+            if isinstance(pattern, str) and pattern == "block":
+                return "all"
+            if isinstance(pattern, str) and pattern == "dual":
+                draft = torch.zeros(B, T, dtype=torch.bool)
+                draft[:, : T // 2] = True
+            else:
+                return None
+        if isinstance(draft, bool):
+            return "all" if draft else None
+        if bool(draft.all()):
+            return "all"
+        if not bool(draft.any()):
+            return None
+        return draft.to(dtype)[..., None]
 
     def _attention_context(self, B, T, pattern, block_size, cache, write, valid, dev) -> _AttnContext:
         nm = new_token_mask(pattern, T, block_size, dev)

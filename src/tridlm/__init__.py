@@ -3,8 +3,10 @@
 from .cache import KVCache
 from .checkpoint import CheckpointError, load, save
 from .config import ModelConfig, RopeParameters
+from .generate import GenerationResult, generate
 from .model import TriModeLM
 from .tokenizer import Tokenizer
 
-__all__ = ["KVCache", "CheckpointError", "ModelConfig", "RopeParameters", "TriModeLM", "Tokenizer", "load", "save"]
+__all__ = ["KVCache", "CheckpointError", "ModelConfig", "RopeParameters", "TriModeLM", "Tokenizer", "load",
+           "save", "generate", "GenerationResult"]
 __version__ = "0.1.0"

@@ -1,0 +1,123 @@
+"""Stepping many rows, of any modes, through one forward per step over a shared KV cache.
+
+`DecodeBatch.step()` asks each live row's mode for a `Plan`, pads the plans into one forward
+(per-row positions, per-row attention patterns, padding marked by `valid`, only the requested
+logits computed), then hands each row its logits and applies the cache entries it keeps. Rows may
+join (`add`) and leave (`remove`; finished rows leave by themselves) between steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import KVCache
+from ..masks import new_token_mask
+from .row import Plan, Row
+
+
+class DecodeBatch:
+    def __init__(self, model, rows=()):
+        self.model = model
+        self.rows: list[Row] = []
+        self.cache: KVCache | None = None
+        self.prefill_forwards = 0  # model calls in which every row prefilled
+        self.forwards = 0  # the other model calls
+        self.add(*rows)
+
+    # -- membership ------------------------------------------------------------------------------
+    def add(self, *rows: Row) -> None:
+        rows = [r for r in rows if not r.finished]
+        if not rows:
+            return
+        need = max(len(r.prompt) + r.limit + r.mode.scratch(r.params) for r in rows)
+        self._resize(len(self.rows) + len(rows), need)
+        for r in rows:
+            r.cached = 0
+        self.rows.extend(rows)
+
+    def remove(self, *rows: Row) -> None:
+        gone = {id(r) for r in rows}
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache = None
+        else:
+            self.cache.reorder(torch.tensor(keep, device=self.cache.lengths.device))
+
+    def _resize(self, n_rows: int, max_len: int) -> None:
+        old = self.cache
+        if old is not None and old.batch_size >= n_rows and old.max_len >= max_len:
+            return
+        max_len = max(max_len, old.max_len if old is not None else 0)
+        new = self.model.new_cache(n_rows, max_len)
+        if old is not None:  # keep the live rows' entries (rows joining mid-run)
+            b, n = old.batch_size, old.max_len
+            new.k[:, :b, :, :n] = old.k
+            new.v[:, :b, :, :n] = old.v
+            new.lengths[:b] = old.lengths
+        self.cache = new
+
+    @property
+    def done(self) -> bool:
+        return not self.rows
+
+    # -- one step ------------------------------------------------------------------------------------
+    def step(self) -> list[Row]:
+        """One forward for every live row; returns the rows stepped (finished ones have left)."""
+        rows = list(self.rows)
+        if not rows:
+            return []
+        plans = [r.mode.plan(r) for r in rows]
+        logits = self._forward(plans)
+        cache = self.cache
+        for i, (r, p, lg) in enumerate(zip(rows, plans, logits, strict=True)):
+            base = r.cached
+            keep = r.mode.consume(r, p, lg)
+            if p.prefill:
+                r.metrics.prefill_forwards += 1
+            else:
+                r.metrics.forwards += 1
+            if not p.write:
+                continue
+            if keep is None:
+                r.cached = base + p.size
+            elif isinstance(keep, int):
+                r.cached = base + keep
+            else:  # compaction: the kept entries move to the front of what this forward wrote
+                cache.keep(i, base, base + keep.to(cache.lengths.device))
+                r.cached = base + keep.numel()
+        cache.crop(torch.tensor([r.cached for r in rows], device=cache.lengths.device))
+        if all(p.prefill for p in plans):
+            self.prefill_forwards += 1
+        else:
+            self.forwards += 1
+        self.remove(*[r for r in rows if r.finished])
+        return rows
+
+    def _forward(self, plans: list[Plan]) -> list[torch.Tensor]:
+        dev = self.model.device
+        B = len(plans)
+        sizes = [p.size for p in plans]
+        T = max(sizes)
+        ids = torch.zeros(B, T, dtype=torch.long, device=dev)
+        pos = torch.zeros(B, T, dtype=torch.long, device=dev)
+        valid = torch.zeros(B, T, dtype=torch.bool, device=dev)
+        K = max(1, max(p.logits_at.numel() for p in plans))
+        at = torch.zeros(B, K, dtype=torch.long, device=dev)
+        for i, p in enumerate(plans):
+            t = sizes[i]
+            ids[i, :t], pos[i, :t], valid[i, :t] = p.tokens, p.positions, True
+            at[i, :p.logits_at.numel()] = p.logits_at
+        names = {p.pattern for p in plans if isinstance(p.pattern, str)}
+        if len(names) == 1 and all(isinstance(p.pattern, str) for p in plans):
+            pattern = names.pop()
+        else:  # rows want different patterns: one explicit [B, T, T] mask
+            pattern = torch.zeros(B, T, T, dtype=torch.bool, device=dev)
+            for i, p in enumerate(plans):
+                pattern[i, :sizes[i], :sizes[i]] = new_token_mask(p.pattern, sizes[i], device=dev)
+        write = any(p.write for p in plans)
+        out = self.model(ids, positions=pos, cache=self.cache, pattern=pattern, write_cache=write,
+                         valid=None if bool(valid.all()) else valid, logits_at=at)
+        return [out[i, :p.logits_at.numel()] for i, p in enumerate(plans)]

@@ -1,0 +1,144 @@
+"""Turning logits into tokens: temperature, top-k/top-p, seeded draws, commit policies, and the
+speculative-sampling acceptance rule. Knows nothing of caches or modes.
+
+Every function takes logits [..., V] of one row and that row's `torch.Generator`, so a row's draws
+depend only on its own seed and logits (batched rows sample exactly as they would alone). The mask
+token is banned everywhere: it can never be emitted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def make_generator(seed: int | None, device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def ban(logits: torch.Tensor, banned_id: int | None) -> torch.Tensor:
+    """Float32 copy of `logits` with `banned_id` (the mask token) at -inf."""
+    out = logits.float().clone()
+    if banned_id is not None:
+        out[..., banned_id] = -math.inf
+    return out
+
+
+def greedy(logits: torch.Tensor, banned_id: int | None) -> torch.Tensor:
+    return ban(logits, banned_id).argmax(-1)
+
+
+def distribution(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                 banned_id: int | None = None) -> torch.Tensor:
+    """The sampling distribution [..., V]; at temperature 0 the one-hot of the argmax."""
+    x = ban(logits, banned_id)
+    if temperature == 0:
+        return torch.nn.functional.one_hot(x.argmax(-1), x.shape[-1]).float()
+    x = x / temperature
+    if 0 < top_k < x.shape[-1]:
+        kth = x.topk(top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        cum = sorted_x.softmax(-1).cumsum(-1)
+        drop_sorted = (cum - sorted_x.softmax(-1)) >= top_p  # keep the smallest prefix reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        x = x.masked_fill(drop, -math.inf)
+    return x.softmax(-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of `probs` [..., V] (exponential race: argmax p/E with E ~ Exp(1))."""
+    e = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / e).argmax(-1)
+
+
+def uniform(n: int, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=generator, device=like.device, dtype=torch.float32)
+
+
+def sample(logits: torch.Tensor, params, generator: torch.Generator, banned_id: int | None) -> torch.Tensor:
+    """Token ids [...] from logits [..., V] under `params` (temperature/top_k/top_p)."""
+    if params.temperature == 0:
+        return greedy(logits, banned_id)
+    return draw(distribution(logits, params.temperature, params.top_k, params.top_p, banned_id), generator)
+
+
+# -- diffusion: which masked positions to commit in one denoise pass ----------------------------------
+def scores(logits: torch.Tensor, tokens: torch.Tensor, policy: str, banned_id: int | None) -> torch.Tensor:
+    """Per-position score in [0, 1]-ish for `policy`, from the untempered distribution.
+
+    confidence: p(token); margin: p(token) - best other p; entropy: 1 - H / log(V - 1).
+    """
+    probs = ban(logits, banned_id).softmax(-1)
+    p_tok = probs.gather(-1, tokens[..., None])[..., 0]
+    if policy == "margin":
+        other = probs.scatter(-1, tokens[..., None], 0.0).max(-1).values
+        return p_tok - other
+    if policy == "entropy":
+        h = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+        return 1.0 - h / math.log(max(2, probs.shape[-1] - 1))
+    return p_tok  # confidence_threshold, low_confidence, leftmost (unused)
+
+
+def select(score: torch.Tensor, masked: torch.Tensor, policy: str, threshold: float,
+           n_min: int) -> torch.Tensor:
+    """Bool [L]: the masked positions to commit this pass.
+
+    Threshold policies commit every masked position scoring >= threshold, and always at least the
+    n_min best; `low_confidence` commits exactly the n_min best; `leftmost` the n_min leftmost.
+    Ties break towards the left (stable sort), so the choice is reproducible.
+    """
+    n_masked = int(masked.sum())
+    n_min = max(1, min(n_min, n_masked))
+    if policy == "leftmost":
+        order = torch.nonzero(masked)[:, 0]
+    else:
+        s = score.float().masked_fill(~masked, -math.inf)
+        order = torch.sort(s, descending=True, stable=True).indices[:n_masked]
+    chosen = torch.zeros_like(masked)
+    chosen[order[:n_min]] = True
+    if policy in ("confidence_threshold", "margin", "entropy"):
+        chosen |= masked & (score >= threshold)
+    return chosen
+
+
+# -- self-speculation: verification ---------------------------------------------------------------------
+def verify_greedy(verify_logits: torch.Tensor, drafts: torch.Tensor, banned_id: int | None):
+    """Greedy verification. verify_logits [n, V] (causal: row i predicts token i+1 of the block),
+    drafts [n-1] (block tokens 1..n-1). Returns the emitted tokens: the accepted drafts + the bonus."""
+    ar = greedy(verify_logits, banned_id)
+    n_match = int(torch.cumprod((ar[:-1] == drafts).long(), 0).sum()) if drafts.numel() else 0
+    return ar[: n_match + 1]
+
+
+def verify_sampled(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, generator: torch.Generator):
+    """Speculative sampling (Leviathan et al. / Chen et al.): accept draft i with probability
+    min(1, p_i(d)/q_i(d)); at the first rejection emit a sample of normalise(max(0, p_i - q_i)); when
+    every draft passes, a bonus sample of p_n. The output is distributed exactly as sampling p.
+
+    p [n, V]: target distributions (row i for block token i+1); q [n-1, V]: the draft distributions
+    the drafts were drawn from, or None for deterministic drafts (q = one-hot of the draft).
+    """
+    n = drafts.numel()
+    if q is None:
+        q = torch.nn.functional.one_hot(drafts, p.shape[-1]).to(p.dtype) if n else p[:0]
+    idx = torch.arange(n, device=p.device)
+    p_d, q_d = p[idx, drafts], q[idx, drafts]
+    u = uniform(n, p, generator)
+    ok = u * q_d < p_d  # u < p/q, without dividing by a zero q
+    n_acc = int(torch.cumprod(ok.long(), 0).sum()) if n else 0
+    if n_acc < n:
+        residual = (p[n_acc] - q[n_acc]).clamp_min(0)
+        if float(residual.sum()) <= 0:  # p == q: rejection has probability 0; guard rounding
+            residual = p[n_acc]
+        last = draw(residual / residual.sum(), generator)
+    else:
+        last = draw(p[n], generator)
+    return torch.cat([drafts[:n_acc], last[None]])

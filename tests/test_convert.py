@@ -5,6 +5,7 @@ The real SmolLM2 import (and its parity with transformers) is in test_convert_sm
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 from pathlib import Path
@@ -361,7 +362,9 @@ def test_base_cache_converts_once_per_file_and_options(tmp_path, monkeypatch):
     src = write_gguf(tmp_path / "tiny.gguf", hf_model())
     first = tc.smollm2_base(gguf_path=src)
     assert first.parent == tmp_path / "cache" and (first / "config.json").is_file()
-    assert json.loads((first / "conversion.json").read_text())["mask_token"] == "<empty_output>"
+    info = json.loads((first / "conversion.json").read_text())
+    assert info["mask_token"] == "<empty_output>"
+    assert info["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
 
     calls = []
     real = tc.convert_gguf

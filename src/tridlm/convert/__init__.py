@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from ..model import TriModeLM
-from .common import CONVERTER_VERSION, ConvertError, Imported, build, prepare_out
+from .common import CONVERTER_VERSION, ConvertError, Imported, build, file_sha256, prepare_out
 from .from_gguf import inspect_gguf, is_gguf
 from .from_hf import inspect_hf_folder
 from .smollm2 import SMOLLM2_INSTALL_HINT, cache_dir, smollm2_base, smollm2_gguf_path
@@ -50,6 +50,8 @@ def _convert(imp: Imported, out, mask_token, add_mask_token, dtype, overwrite) -
     info = {"converter_version": CONVERTER_VERSION, "source": imp.source.name, "source_format": imp.kind,
             "mask_token": model.tokenizer.hf.id_to_token(model.config.mask_token_id) if model.tokenizer else None,
             "mask_token_id": model.config.mask_token_id, "mask_token_added": bool(add_mask_token)}
+    if imp.source.is_file():  # names the exact base an adapter trained on this checkpoint applies to
+        info["source_sha256"] = file_sha256(imp.source)
     model.save(out, extra_files={"conversion.json": json.dumps(info, indent=2).encode()})
     return out
 

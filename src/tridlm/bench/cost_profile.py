@@ -38,7 +38,10 @@ PRIOR_ACCEPT_RATE = 0.8
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("TRIDLM_CACHE") or Path.home() / ".cache" / "tridlm") / "profiles"
+    """`$TRIDLM_CACHE/profiles`, else under `$XDG_CACHE_HOME/tridlm` or `~/.cache/tridlm`."""
+    if os.environ.get("TRIDLM_CACHE"):
+        return Path(os.environ["TRIDLM_CACHE"]).expanduser() / "profiles"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tridlm" / "profiles"
 
 
 def device_name(device) -> str:
@@ -62,7 +65,8 @@ def weights_key(model) -> str:
     enc = model.encoder
     for t in (enc.embed_tokens.weight[-8:, :64], model.diffusion_head.weight[:8, :64],
               enc.layers[-1].mlp.down_proj.weight[:8, :64], enc.layers[0].self_attn.q_proj.weight[:8, :64]):
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        # rounded to bf16 first: the fp32 and bf16 copies of one checkpoint share their acceptance profile
+        h.update(t.detach().to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -197,6 +197,28 @@ def test_add_mask_token_appends_a_mean_row(tmp_path, tie):
     assert max_logit_diff(ref, out) <= 1e-4  # the original tokens' logits are unchanged
 
 
+def test_sharded_folder(tmp_path):
+    ref = hf_model(seed=4)
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert max_logit_diff(ref, tc.convert(tmp_path / "hf", tmp_path / "out", mask_token=3)) <= 1e-4
+
+
+def test_mistral_sliding_window_caps_the_context(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(5)
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        sliding_window=32, initializer_range=0.3, bos_token_id=1, eos_token_id=2)
+    ref = MistralForCausalLM(cfg).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    with pytest.warns(UserWarning, match="sliding-window attention .32 tokens.*capped at 32"):
+        out = tc.convert(tmp_path / "hf", tmp_path / "out", mask_token=3)
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 32
+    assert max_logit_diff(ref, out) <= 1e-4  # 24 tokens: inside the window
+
+
 def test_conversion_is_deterministic(tmp_path):
     src = save_hf_folder(hf_model(), tmp_path / "hf", tokenizer=True)
     a = tc.convert(src, tmp_path / "a")
@@ -274,6 +296,7 @@ def _edit_config(folder: Path, **changes) -> Path:
 @pytest.mark.parametrize("changes, match", [
     ({"model_type": "qwen2"}, "qwen2 models have q/k/v projection biases"),
     ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+    ({"model_type": "nemotron_labs_diffusion"}, "already a tri-mode checkpoint; load it with tridlm.load"),
     ({"attention_bias": True}, "attention_bias=true; tridlm's model has no biases"),
     ({"hidden_act": "gelu"}, "activation 'gelu' is not supported"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}},

@@ -118,6 +118,9 @@ def inspect_hf_folder(path) -> Imported:
         raise ConvertError(f"{path}: {model_type} models have {_BIASED_MODEL_TYPES[model_type]}, which "
                            "tridlm's model does not have; dropping them would change the model's outputs, so "
                            "this model cannot be converted")
+    if model_type == "nemotron_labs_diffusion":
+        raise ConvertError(f"{path} is already a tri-mode checkpoint; load it with tridlm.load instead of "
+                           "converting it")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConvertError(f"{path}: model_type {model_type!r} is not supported; tridlm convert imports "
                            f"{', '.join(SUPPORTED_MODEL_TYPES)} models")

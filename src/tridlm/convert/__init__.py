@@ -21,7 +21,7 @@ from .from_gguf import inspect_gguf, is_gguf
 from .from_hf import inspect_hf_folder
 from .smollm2 import SMOLLM2_INSTALL_HINT, cache_dir, smollm2_base, smollm2_gguf_path
 
-__all__ = ["CONVERTER_VERSION", "ConvertError", "SMOLLM2_INSTALL_HINT", "cache_dir", "convert", "convert_gguf",
+__all__ = ["CONVERTER_VERSION", "ConvertError", "SMOLLM2_INSTALL_HINT", "build", "cache_dir", "convert", "convert_gguf",
            "convert_hf_folder", "inspect_source", "load_source", "smollm2_base", "smollm2_gguf_path"]
 
 

@@ -53,18 +53,27 @@ def mask_probability(t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     return (1 - eps) * t + eps
 
 
+@dataclass
+class Corruption:
+    """The noisy stream of a batch: ids with masks, which positions are masked, and each row's p."""
+
+    noisy: torch.Tensor
+    masked: torch.Tensor
+    p: torch.Tensor
+
+
 def corrupt(input_ids: torch.Tensor, loss_mask: torch.Tensor, noise: Noise, mask_token_id: int,
-            eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(noisy ids, masked [B, L] bool, p [B]). Positions with loss_mask 0 are never masked."""
+            eps: float = EPS) -> Corruption:
+    """Absorbing-state masking with probability p per position; loss_mask 0 positions are never masked."""
     p = mask_probability(noise.t, eps).to(input_ids.device)
     masked = (noise.u.to(input_ids.device) < p[:, None]) & loss_mask.bool()
     noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
-    return noisy, masked, p
+    return Corruption(noisy, masked, p)
 
 
 @dataclass
 class LossSums:
-    """Summed losses and their token counts for one micro-batch (or, after adding, a global batch)."""
+    """Summed losses and their token counts for one micro-batch."""
 
     ar_sum: torch.Tensor
     diff_sum: torch.Tensor
@@ -72,36 +81,40 @@ class LossSums:
     n_masked: int
 
     def total(self, alpha: float) -> torch.Tensor:
-        """The numerator of the objective: sum AR CE + alpha * sum (masked CE / p)."""
+        """The numerator of the objective: sum of AR CE + alpha * sum of (masked CE / p)."""
         return self.ar_sum + alpha * self.diff_sum if alpha else self.ar_sum
 
 
-def contributing_tokens(loss_mask: torch.Tensor, masked: torch.Tensor | None) -> int:
-    """AR-scored tokens (targets 1..L-1 with loss_mask) plus masked tokens: the normaliser's share."""
+def contributing_tokens(loss_mask: torch.Tensor, corruption: Corruption | None) -> int:
+    """The normaliser's share of a micro-batch: AR-scored targets (positions 1..L-1 with loss_mask)
+    plus masked positions. Known before the forward, so the global count can be all-reduced first."""
     n = int(loss_mask[:, 1:].sum())
-    return n + (int(masked.sum()) if masked is not None else 0)
+    return n + (int(corruption.masked.sum()) if corruption is not None else 0)
 
 
-def joint_loss_sums(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, noise: Noise | None,
-                    mask_token_id: int, block_size: int, eps: float = EPS) -> LossSums:
+def joint_loss_sums(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, corruption: Corruption | None,
+                    block_size: int) -> LossSums:
     """Forward once and return the summed AR and (1/p-weighted) diffusion cross-entropies.
 
-    With ``noise=None`` (the AR-only stage, alpha = 0) only the clean stream is run, causally: its
-    logits equal the clean half of the dual forward, since clean tokens never attend to noisy ones.
+    AR: causal logit i scores token i+1 where loss_mask[i+1]. Diffusion: noisy logit i scores token i
+    where it was masked, weighted by 1/p of its row. With ``corruption=None`` (the AR-only stage)
+    only the clean stream is run, causally: its logits equal the clean half of the dual forward,
+    since clean tokens never attend to noisy ones.
     """
     B, L = input_ids.shape
+    dev = input_ids.device
     ar_scored = loss_mask[:, 1:].bool()
-    if noise is None:
-        ar_logits = model(input_ids, torch.arange(L, device=input_ids.device).expand(B, L), pattern="causal",
-                          write_cache=False)
-        diff_sum, n_masked = ar_logits.new_zeros(()).float(), 0
+    if corruption is None:
+        ar_logits = model(input_ids, torch.arange(L, device=dev).expand(B, L), pattern="causal", write_cache=False)
+        diff_sum, n_masked = torch.zeros((), device=dev), 0
     else:
-        noisy, masked, p = corrupt(input_ids, loss_mask, noise, mask_token_id, eps)
-        positions = torch.arange(L, device=input_ids.device).repeat(2).expand(B, 2 * L)
-        logits = model(torch.cat([noisy, input_ids], dim=1), positions, pattern="dual", block_size=block_size)
+        masked = corruption.masked
+        positions = torch.arange(L, device=dev).repeat(2).expand(B, 2 * L)
+        logits = model(torch.cat([corruption.noisy, input_ids], dim=1), positions, pattern="dual",
+                       block_size=block_size)
         diff_logits, ar_logits = logits[:, :L], logits[:, L:]
         ce = F.cross_entropy(diff_logits[masked].float(), input_ids[masked], reduction="none")
-        weight = (1.0 / p)[:, None].expand(B, L)[masked]
+        weight = (1.0 / corruption.p)[:, None].expand(B, L)[masked]
         diff_sum, n_masked = (ce * weight).sum(), int(masked.sum())
     ar_ce = F.cross_entropy(ar_logits[:, :-1][ar_scored].float(), input_ids[:, 1:][ar_scored], reduction="sum")
     return LossSums(ar_ce, diff_sum, int(ar_scored.sum()), n_masked)

@@ -1,0 +1,442 @@
+"""The training loop: joint AR + diffusion objective, AdamW, schedules, DDP/FSDP, checkpoints, exact resume.
+
+Loss normalisation (spec §3.1 "global loss averaging", §3.3): the loss of one optimizer step is
+
+    (sum of AR CE + alpha * sum of masked CE / p) / (AR-scored tokens + masked tokens)
+
+where both sums and the count run over the whole global batch: every rank and every accumulation
+micro-batch. The count is known before any forward (it depends only on the data and the noise), so
+it is all-reduced first; each micro-batch then back-propagates its summed loss times
+world_size / global_count, and DDP's gradient averaging (division by world_size) leaves exactly the
+gradient of the global mean. With alpha = 0 the masked tokens do not contribute and are not counted.
+
+Determinism: the sample order depends on (seed, samples consumed) and the noise on (seed, step,
+global sample index), so a run resumed from a checkpoint, or split over a different number of
+processes with the same global batch, sees the same data and the same masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointError, load
+from ..config import ModelConfig, RopeParameters
+from ..model import TriModeLM
+from ..tokenizer import Tokenizer
+from . import distributed, state
+from .bpe import train_bpe
+from .corpora import resolve_source, split_documents
+from .metrics import MetricsLog, plot_losses
+from .objective import LossSums, contributing_tokens, corrupt, draw_noise, joint_loss_sums
+from .packing import build_split, open_split
+from .recipe import Recipe, RecipeError
+from .sampler import SampleOrder
+from .schedule import lr_at
+
+EVAL_NOISE_STEP = -1  # the validation noise is the same at every evaluation, so curves compare
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    final_model: Path
+    steps: int
+    is_main: bool = True  # rank 0 (the process that wrote the files)
+    history: list[dict] = field(default_factory=list)  # this process's metrics records
+
+
+# ---------------------------------------------------------------------------------------------
+# checks that need files, all made before anything is built
+# ---------------------------------------------------------------------------------------------
+def _tokenizer_folder(r: Recipe) -> Path | None:
+    if r.tokenizer.path:
+        return Path(r.tokenizer.path).expanduser()
+    if r.init_from:
+        return Path(r.init_from).expanduser()
+    return None
+
+
+def check_tokenizer(tok: Tokenizer, where) -> None:
+    if tok.mask_id is None:
+        raise RecipeError(f"tokenizer {where} has no mask token: the diffusion objective needs one "
+                          "(set 'mask_token' in tokenizer_config.json, or add the token '<|mask|>')")
+    if tok.eos_id is None:
+        raise RecipeError(f"tokenizer {where} has no end-of-text token (set 'eos_token' in tokenizer_config.json)")
+
+
+def preflight(r: Recipe, world: int) -> None:
+    """File and consistency checks: a missing file or a bad combination fails here, naming it."""
+    t = r.train
+    per_step = t.micro_batch * world
+    if t.global_batch % per_step:
+        raise RecipeError(f"recipe key 'train.global_batch' ({t.global_batch}) must be a multiple of "
+                          f"train.micro_batch x processes ({t.micro_batch} x {world} = {per_step})")
+    if r.init_from and not Path(r.init_from).expanduser().is_dir():
+        raise RecipeError(f"recipe key 'init_from': checkpoint folder {r.init_from} does not exist")
+    for s in r.data.sources:
+        resolve_source(s)  # raises DataError naming a missing file
+    folder = _tokenizer_folder(r)
+    if folder is not None:
+        if not (folder / "tokenizer.json").is_file():
+            key = "tokenizer.path" if r.tokenizer.path else "init_from"
+            raise RecipeError(f"recipe key {key!r}: tokenizer file {folder / 'tokenizer.json'} does not exist")
+        check_tokenizer(Tokenizer.from_folder(folder), folder / "tokenizer.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, recipe: Recipe):
+        self.r = recipe
+        self.out = Path(recipe.out_dir).expanduser()
+        self.ckpt_root = self.out / "checkpoints"
+        self.history: list[dict] = []
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _prepare_tokenizer_and_data(self) -> None:
+        r, d = self.r, self.d
+        tok_dir = self.out / "tokenizer"
+        data_dir = Path(r.data.cache_dir).expanduser() if r.data.cache_dir else self.out / "data"
+        given = _tokenizer_folder(r)
+        if d.is_main:
+            train_docs, val_docs = split_documents(r.data.sources, r.data.val_fraction)
+            if given is not None:
+                tok = Tokenizer.from_folder(given)
+            elif (tok_dir / "tokenizer.json").is_file():
+                tok = Tokenizer.from_folder(tok_dir)  # a resumed or repeated run reuses its tokenizer
+            else:
+                tok = train_bpe(_bpe_texts(train_docs, r.tokenizer.max_train_chars), r.tokenizer.vocab_size,
+                                r.tokenizer.min_frequency)
+                tok_dir.mkdir(parents=True, exist_ok=True)
+                tok.save(tok_dir)
+            check_tokenizer(tok, given or tok_dir)
+            build_split(data_dir, "train", train_docs, tok, r.data.seq_len)
+            build_split(data_dir, "val", val_docs, tok, r.data.seq_len)
+        d.barrier()
+        self.tokenizer = Tokenizer.from_folder(given or tok_dir)
+        self.train_split = open_split(data_dir, "train")
+        self.val_split = open_split(data_dir, "val")
+        self.order = SampleOrder(self.train_split, r.seed)
+
+    def _model_config(self) -> ModelConfig:
+        m, tok = self.r.model, self.tokenizer
+        return ModelConfig(vocab_size=tok.vocab_size, hidden_size=m.hidden_size,
+                           intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
+                           num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads,
+                           max_position_embeddings=m.max_position_embeddings,
+                           rope_parameters=RopeParameters(rope_theta=m.rope_theta),
+                           tie_word_embeddings=m.tie_word_embeddings, mask_token_id=tok.mask_id,
+                           bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                           block_size=m.block_size, dlm_loss_weight=self.r.objective.alpha)
+
+    def _build_model(self, resume_from: Path | None) -> TriModeLM:
+        r = self.r
+        torch.manual_seed(r.seed)
+        if resume_from is not None or r.init_from:
+            src = resume_from or Path(r.init_from).expanduser()
+            try:
+                model = load(src, load_tokenizer=False)
+            except CheckpointError as e:
+                raise RecipeError(f"recipe key 'init_from': {e}") from None
+        else:
+            model = TriModeLM(self._model_config())
+        cfg = model.config
+        if cfg.mask_token_id != self.tokenizer.mask_id:
+            raise RecipeError(f"the model's mask_token_id ({cfg.mask_token_id}) differs from the tokenizer's mask "
+                              f"token id ({self.tokenizer.mask_id})")
+        if self.tokenizer.vocab_size > cfg.vocab_size:
+            raise RecipeError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocabulary "
+                              f"only {cfg.vocab_size}")
+        if r.data.seq_len > cfg.max_position_embeddings:
+            raise RecipeError(f"recipe key 'data.seq_len' ({r.data.seq_len}) exceeds the model's "
+                              f"max_position_embeddings ({cfg.max_position_embeddings})")
+        return model.to(self.d.device).train()
+
+    def _wrap(self, model: TriModeLM):
+        d, t = self.d, self.r.train
+        if not d.enabled:
+            return model
+        if t.parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.encoder.layers:
+                fully_shard(layer)
+            return fully_shard(model)
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        t = self.r.train
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+
+    def setup(self) -> None:
+        r = self.r
+        if r.train.threads > 0:
+            torch.set_num_threads(r.train.threads)
+        self.d = distributed.setup(r.train.device)
+        preflight(r, self.d.world)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._prepare_tokenizer_and_data()
+        if self.d.is_main:
+            state.remove_stale_temporaries(self.ckpt_root)
+            (self.out / "recipe.json").write_text(json.dumps(r.to_dict(), indent=2))
+        ckpts = state.list_checkpoints(self.ckpt_root) if r.resume else []
+        resume_from = ckpts[-1][1] if ckpts else None
+        self.base_model = self._build_model(resume_from)
+        self.config = self.base_model.config
+        self.block_size = r.objective.block_size or self.config.block_size
+        self.model = self._wrap(self.base_model)
+        self.opt = self._optimizer()
+        self.step, self.samples_seen = 0, 0
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        if self.d.is_main:
+            self.metrics.truncate_after(self.step if resume_from is not None else -1)
+        self.d.barrier()
+
+    def _restore(self, folder: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        ts = state.load_trainer_state(folder)
+        set_optimizer_state_dict(self.model, self.opt, optim_state_dict=ts["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        state.set_rng_state(ts["rng"])
+        self.step, self.samples_seen = int(ts["step"]), int(ts["samples_seen"])
+        if self.d.is_main:
+            print(f"resuming from {folder} (step {self.step})", flush=True)
+
+    # -- one optimizer step --------------------------------------------------------------------
+    def _autocast(self):
+        if self.r.train.precision == "bf16":
+            return torch.autocast(device_type=self.d.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _no_sync(self, last: bool):
+        if last or not self.d.enabled:
+            return contextlib.nullcontext()
+        if hasattr(self.model, "no_sync"):  # DDP
+            return self.model.no_sync()
+        return _fsdp_no_sync(self.model)
+
+    def _micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, object]]:
+        r, d = self.r, self.d
+        mb = r.train.micro_batch
+        accum = r.train.global_batch // (mb * d.world)
+        base = self.samples_seen + d.rank * accum * mb
+        out = []
+        for m in range(accum):
+            idx = list(range(base + m * mb, base + (m + 1) * mb))
+            ids, lm = self.order.batch(idx)
+            ids, lm = ids.to(d.device), lm.to(d.device)
+            c = None
+            if r.objective.alpha > 0:
+                noise = draw_noise(r.seed, step, idx, ids.shape[1])
+                c = corrupt(ids, lm, noise, self.config.mask_token_id, r.objective.eps)
+            out.append((ids, lm, c))
+        return out
+
+    def train_step(self, step: int) -> dict:
+        r, d = self.r, self.d
+        alpha = r.objective.alpha
+        lr = lr_at(step, steps=r.train.steps, lr=r.train.lr, min_lr=r.train.min_lr,
+                   warmup_steps=r.train.warmup_steps, schedule=r.train.schedule,
+                   decay_fraction=r.train.decay_fraction)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        micro = self._micro_batches(step)
+        local_count = sum(contributing_tokens(lm, c) for _, lm, c in micro)
+        (global_count,) = d.sum([local_count])
+        scale = d.world / max(global_count, 1.0)
+        ar_sum = diff_sum = 0.0
+        n_ar = n_masked = 0
+        for m, (ids, lm, c) in enumerate(micro):
+            with self._no_sync(m == len(micro) - 1), self._autocast():
+                sums: LossSums = joint_loss_sums(self.model, ids, lm, c, self.block_size)
+            (sums.total(alpha) * scale).backward()
+            ar_sum += float(sums.ar_sum.detach())
+            diff_sum += float(sums.diff_sum.detach())
+            n_ar += sums.n_ar
+            n_masked += sums.n_masked
+        grad_norm = None
+        if r.train.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.train.grad_clip))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.samples_seen += r.train.global_batch
+        ar_sum, diff_sum, n_ar, n_masked = d.sum([ar_sum, diff_sum, n_ar, n_masked])
+        rec = {"kind": "train", "step": step + 1,
+               "loss": (ar_sum + (alpha * diff_sum if alpha else 0.0)) / max(global_count, 1.0),
+               "ar_loss": ar_sum / max(n_ar, 1.0), "diff_loss": diff_sum / n_masked if n_masked else None,
+               "lr": lr, "grad_norm": grad_norm, "tokens": self.samples_seen * r.data.seq_len}
+        return rec
+
+    # -- validation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        r, d = self.r, self.d
+        n = min(r.eval.sequences, len(self.val_split)) // d.world * d.world
+        if n == 0:
+            return None
+        rows = list(range(d.rank, n, d.world))
+        self.model.eval()
+        ar_sum = diff_sum = 0.0
+        n_ar = n_masked = 0
+        mb = r.train.micro_batch
+        for start in range(0, len(rows), mb):
+            idx = rows[start:start + mb]
+            ids = torch.from_numpy(self.val_split.tokens[idx].astype("int64")).to(d.device)
+            lm = torch.from_numpy(self.val_split.loss_mask[idx].astype("int64")).to(d.device)
+            noise = draw_noise(r.seed, EVAL_NOISE_STEP, idx, ids.shape[1])
+            c = corrupt(ids, lm, noise, self.config.mask_token_id, r.objective.eps)
+            with self._autocast():
+                s = joint_loss_sums(self.model, ids, lm, c, self.block_size)
+            ar_sum += float(s.ar_sum)
+            diff_sum += float(s.diff_sum)
+            n_ar += s.n_ar
+            n_masked += s.n_masked
+        self.model.train()
+        ar_sum, diff_sum, n_ar, n_masked = d.sum([ar_sum, diff_sum, n_ar, n_masked])
+        ar = ar_sum / max(n_ar, 1.0)
+        return {"kind": "val", "step": self.step, "ar_loss": ar, "ar_ppl": math.exp(min(ar, 50.0)),
+                "diff_loss": diff_sum / n_masked if n_masked else None, "sequences": n}
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _full_model_copy(self) -> TriModeLM | None:
+        """A CPU TriModeLM with the full weights on rank 0 (a collective under FSDP)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.d.is_main:
+            return None
+        with torch.device("meta"):
+            copy = TriModeLM(self.config)
+        copy = copy.to_empty(device="cpu")
+        if self.config.tie_word_embeddings:
+            copy.diffusion_head.weight = copy.encoder.embed_tokens.weight
+        copy.load_state_dict({k: v.detach().cpu() for k, v in sd.items()}, strict=False)
+        return copy.eval()
+
+    def save_checkpoint(self) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        copy = self._full_model_copy()
+        optim = get_optimizer_state_dict(self.model, self.opt,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.d.is_main:
+            ts = {"format": 1, "step": self.step, "samples_seen": self.samples_seen, "optimizer": optim,
+                  "rng": state.rng_state(), "world_size": self.d.world, "recipe": json.dumps(self.r.to_dict())}
+            state.save_checkpoint(state.step_dir(self.ckpt_root, self.step), copy, self.tokenizer, ts)
+            state.prune(self.ckpt_root, self.r.checkpoint.keep)
+        self.d.barrier()
+
+    def save_final(self) -> Path:
+        path = self.out / "model"
+        copy = self._full_model_copy()
+        if self.d.is_main:
+            copy.save(path, tokenizer=self.tokenizer)
+        self.d.barrier()
+        return path
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _log(self, rec: dict) -> None:
+        self.history.append(rec)
+        if self.d.is_main:
+            self.metrics.write(rec)
+
+    def _plot(self) -> None:
+        if self.d.is_main and self.r.log.plot:
+            plot_losses(self.metrics.path, self.out / "loss.png")
+
+    def run(self) -> TrainResult:
+        r, d = self.r, self.d
+        steps = r.train.steps
+        if self.step == 0 and r.eval.at_start:
+            rec = self.evaluate()
+            if rec:
+                self._log(rec)
+        bar = _progress(steps, self.step, enabled=d.is_main and r.log.progress)
+        tokens_per_step = r.train.global_batch * r.data.seq_len
+        while self.step < steps:
+            t0 = time.perf_counter()
+            rec = self.train_step(self.step)
+            self.step += 1
+            dt = time.perf_counter() - t0
+            rec["tok_per_s"] = tokens_per_step / dt if dt > 0 else None
+            self._log(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"ar {rec['ar_loss']:.3f} diff {_fmt(rec['diff_loss'])} lr {rec['lr']:.2e} "
+                                    f"{rec['tok_per_s'] or 0:,.0f} tok/s")
+            last = self.step == steps
+            if (r.eval.every and self.step % r.eval.every == 0) or last:
+                val = self.evaluate()
+                if val:
+                    self._log(val)
+                    if bar is not None:
+                        bar.write(f"step {self.step}: val AR loss {val['ar_loss']:.3f} (ppl {val['ar_ppl']:.1f}), "
+                                  f"diffusion loss {_fmt(val['diff_loss'])}")
+                self._plot()
+            if (r.checkpoint.every and self.step % r.checkpoint.every == 0) or last:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        final = self.save_final()
+        self._plot()
+        return TrainResult(self.out, final, self.step, self.d.is_main, self.history)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def _bpe_texts(docs, max_chars: int):
+    """Training text for the BPE, capped at `max_chars`; chats are rendered as plain text."""
+    used = 0
+    for doc in docs:
+        text = doc.text if not doc.is_chat else "\n".join(m.get("content", "") for m in doc.messages)
+        yield text
+        used += len(text)
+        if used >= max_chars:
+            return
+
+
+def train(recipe: Recipe) -> TrainResult:
+    """Run a recipe to the end (resuming from out_dir's newest checkpoint when there is one)."""
+    trainer = Trainer(recipe)
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        if getattr(trainer, "d", None) is not None:
+            distributed.teardown(trainer.d)

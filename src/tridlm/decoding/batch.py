@@ -104,11 +104,12 @@ class DecodeBatch:
         ids = torch.zeros(B, T, dtype=torch.long, device=dev)
         pos = torch.zeros(B, T, dtype=torch.long, device=dev)
         valid = torch.zeros(B, T, dtype=torch.bool, device=dev)
+        draft = torch.zeros(B, T, dtype=torch.bool, device=dev)
         K = max(1, max(p.logits_at.numel() for p in plans))
         at = torch.zeros(B, K, dtype=torch.long, device=dev)
         for i, p in enumerate(plans):
             t = sizes[i]
-            ids[i, :t], pos[i, :t], valid[i, :t] = p.tokens, p.positions, True
+            ids[i, :t], pos[i, :t], valid[i, :t], draft[i, :t] = p.tokens, p.positions, True, p.draft
             at[i, :p.logits_at.numel()] = p.logits_at
         names = {p.pattern for p in plans if isinstance(p.pattern, str)}
         if len(names) == 1 and all(isinstance(p.pattern, str) for p in plans):
@@ -119,5 +120,5 @@ class DecodeBatch:
                 pattern[i, :sizes[i], :sizes[i]] = new_token_mask(p.pattern, sizes[i], device=dev)
         write = any(p.write for p in plans)
         out = self.model(ids, positions=pos, cache=self.cache, pattern=pattern, write_cache=write,
-                         valid=None if bool(valid.all()) else valid, logits_at=at)
+                         valid=None if bool(valid.all()) else valid, logits_at=at, draft=draft)
         return [out[i, :p.logits_at.numel()] for i, p in enumerate(plans)]

@@ -44,6 +44,7 @@ class Diffusion(Mode):
             return Plan(ids, span(row.cached, ids.numel(), row.device), "causal", True,
                         torch.tensor([ids.numel() - 1], device=row.device))
         masked = torch.nonzero(st.block == row.mask_id)[:, 0]
+        # diffusion mode is the base model: a LoRA drafter serves self-speculation only
         return Plan(st.block, span(row.cached, st.block.numel(), row.device), "block", False, masked)
 
     def consume_decode(self, row: Row, plan: Plan, logits: torch.Tensor):

@@ -32,6 +32,7 @@ class GenerationParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     eos_token_id: int | None = None  # default: the model's
+    stop_token_ids: tuple[int, ...] = ()  # more tokens that end a row (e.g. a chat end-of-turn)
     ignore_eos: bool = False
     block_length: int = 32
     threshold: float | None = None  # default per mode (DEFAULT_THRESHOLD)
@@ -75,6 +76,10 @@ class GenerationParams:
         if isinstance(p.stop, str):
             p.stop = (p.stop,)
         p.stop = tuple(s for s in (p.stop or ()) if s)
+        p.stop_token_ids = tuple(int(t) for t in (p.stop_token_ids or ()))
+        for t in p.stop_token_ids + ((p.eos_token_id,) if p.eos_token_id is not None else ()):
+            if not 0 <= t < config.vocab_size or t == config.mask_token_id:
+                raise GenerationError(f"stop/EOS token id {t} is not a vocabulary token other than the mask")
         if p.eos_token_id is None and not p.ignore_eos:
             p.eos_token_id = config.eos_token_id
         if p.ignore_eos:

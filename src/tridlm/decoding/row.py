@@ -29,6 +29,7 @@ class Plan:
     write: keep the new keys/values in the cache (then `consume` may keep fewer); False = read only.
     logits_at [k]: indices into the t tokens whose logits `consume` receives, in that order.
     prefill: counted apart in the metrics.
+    draft: which tokens are drafts (a LoRA drafter, `tridlm.lora`, acts on them only): bool or [t].
     """
 
     tokens: torch.Tensor
@@ -37,6 +38,7 @@ class Plan:
     write: bool
     logits_at: torch.Tensor
     prefill: bool = False
+    draft: bool | torch.Tensor = False
 
     @property
     def size(self) -> int:
@@ -98,6 +100,8 @@ class Row:
             self.output.append(t)
             if self.eos_id is not None and t == self.eos_id:
                 self.finish("eos")
+            elif t in self.params.stop_token_ids:
+                self.finish("stop")
             elif len(self.output) >= self.limit:
                 self.finish("length")
         if self.params.stop and self.tokenizer is not None and len(self.output) > before:

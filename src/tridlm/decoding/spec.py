@@ -52,7 +52,7 @@ class Spec(Mode):
         n = st.block.numel()
         masked = torch.nonzero(st.block == row.mask_id)[:, 0]
         if masked.numel():
-            return Plan(st.block, span(row.cached, n, row.device), "block", False, masked)
+            return Plan(st.block, span(row.cached, n, row.device), "block", False, masked, draft=True)
         return Plan(st.block, span(row.cached, n, row.device), "causal", True, span(0, n, row.device))
 
     def consume_decode(self, row: Row, plan: Plan, logits: torch.Tensor):

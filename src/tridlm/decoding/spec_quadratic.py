@@ -67,7 +67,8 @@ class SpecQuadratic(Mode):
         group, off, mask = layout(n, m, row.device)
         tokens = torch.where(off == 0, b[group], torch.full_like(group, row.mask_id))
         positions = row.cached + group + off
-        return Plan(tokens, positions, mask, True, torch.arange(tokens.numel(), device=row.device))
+        return Plan(tokens, positions, mask, True, torch.arange(tokens.numel(), device=row.device),
+                    draft=off > 0)  # a LoRA drafter acts on the masks, never on the verified chain
 
     def consume_decode(self, row: Row, plan: Plan, logits: torch.Tensor):
         st: QuadState = row.state
@@ -82,14 +83,14 @@ class SpecQuadratic(Mode):
         row.tail = [int(out[-1])]
         # next drafts: group a-1's masks after the bonus position
         k = min(m - 1, max(0, row.remaining - 1))
-        if k > 0:
-            draft_logits = logits[firsts[a - 1] + 2: firsts[a - 1] + 2 + k]
-            p = row.params
-            if p.temperature == 0:
-                st.drafts, st.q = greedy(draft_logits, row.mask_id), None
-            else:
-                st.q = distribution(draft_logits, p.temperature, p.top_k, p.top_p, row.mask_id)
-                st.drafts = draw(st.q, row.generator)
-        else:
-            st.drafts, st.q = None, None
+        start = int(firsts[a - 1]) + 2
+        st.drafts, st.q = self._draft(row, logits[start:start + k]) if k else (None, None)
         return firsts[:a]  # keep b_0..b_{a-1}
+
+    def _draft(self, row: Row, draft_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafts [k] and their distributions [k, V] (None when greedy) from block logits [k, V]."""
+        p = row.params
+        if p.temperature == 0:
+            return greedy(draft_logits, row.mask_id), None
+        q = distribution(draft_logits, p.temperature, p.top_k, p.top_p, row.mask_id)
+        return draw(q, row.generator), q

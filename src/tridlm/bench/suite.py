@@ -1,0 +1,232 @@
+"""`run_bench`: the whole benchmark in one process -- modes side by side, sweeps, SOL, cost profile,
+block_length="auto", roofline, where the time goes -- and every output written."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .cost_profile import (
+    AcceptanceProfile,
+    best_block_length,
+    cached_cost_profile,
+    load_acceptance_profile,
+    save_acceptance_profile,
+)
+from .prompts import load_prompts
+from .runner import BenchSettings, ConfigResult, model_in_dtype, run_configs
+
+# the issue's speed targets (checked, never asserted)
+TARGET_HF_RATIO = 2.0
+TARGET_ROOFLINE = 0.60
+TARGET_SPEC_SPEEDUP = 1.5
+TARGET_RSS_BYTES = 1.5e9
+
+
+def machine_info(device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "memory_gib": _mem_gib(), "device": str(device)}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mem_gib() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _load(model_or_path, device):
+    if isinstance(model_or_path, (str, Path)):
+        from ..checkpoint import load
+
+        return load(model_or_path, device=device).eval(), str(model_or_path)
+    return model_or_path.eval(), getattr(model_or_path, "path", None)
+
+
+def _acceptance_from(results: list[ConfigResult], dtype: str) -> AcceptanceProfile | None:
+    """Acceptance lengths of spec at the largest measured block, batch 1, this dtype."""
+    spec = [r for r in results if r.config.mode == "spec" and r.config.batch_size == 1
+            and r.config.dtype == dtype and r.acceptance_lengths and r.resolved_block_length]
+    if not spec:
+        return None
+    r = max(spec, key=lambda r: r.resolved_block_length)
+    return AcceptanceProfile.from_lengths(r.acceptance_lengths, r.resolved_block_length)
+
+
+def run_bench(model_or_path, settings: BenchSettings | None = None, out_dir="bench-out", device=None,
+              command: str | None = None, log: Callable[[str], None] = print, write: bool = True) -> dict:
+    """Run the benchmark and (with write=True) write bench.json, bench.md and the PNG plots to `out_dir`."""
+    from . import report as rep
+    from .roofline import copy_bandwidth, roofline
+    from .sol import sol_on_model
+
+    s = settings or BenchSettings()
+    t_start = time.perf_counter()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, path = _load(model_or_path, device)
+    if model.tokenizer is None:
+        raise ValueError("the benchmark needs a model with a tokenizer (its prompt sets are text)")
+    if model.dtype != torch.float32:
+        model = model.float()
+    prompts = load_prompts(s.prompts, s.n_prompts)
+    out = {"command": command or "", "settings": dict(s.__dict__), "model": {"path": path,
+           "parameters": model.num_parameters(), "config": model.config.to_dict()},
+           "machine": machine_info(model.device), "load_average_start": _loadavg(), "prompts": [p.id for p in prompts]}
+    log(f"bench: {len(prompts)} prompts ({s.prompts}), {s.max_new_tokens} new tokens, {s.repeats} repeats, "
+        f"on {out['machine']['cpu'] if model.device.type == 'cpu' else out['machine'].get('gpu')}")
+
+    # 1. cost profile, measured on this device (fp32 here; other dtypes when "auto" needs them)
+    t0 = time.perf_counter()
+    costs = {"fp32": cached_cost_profile(model, tokens=s.cost_tokens, batch_sizes=s.cost_batch_sizes, refresh=True,
+                                         repeats=s.cost_repeats)}
+    log(f"cost profile: {time.perf_counter() - t0:.0f} s")
+
+    def resolve_auto(m, results, batch) -> int:
+        dtype = next(k for k, v in {"fp32": torch.float32, "bf16": torch.bfloat16}.items() if v == m.dtype)
+        acc = _acceptance_from(results, dtype) or _acceptance_from(results, "fp32")
+        if acc is not None:
+            save_acceptance_profile(m, acc)
+        else:
+            acc = load_acceptance_profile(m) or AcceptanceProfile.prior(max(s.block_lengths))
+        if dtype not in costs:
+            costs[dtype] = cached_cost_profile(m, tokens=s.cost_tokens, batch_sizes=(1,), repeats=s.cost_repeats)
+        cost = costs[dtype]
+        return best_block_length(acc, cost, s.block_lengths, batch if batch in cost.batch_sizes else 1)[0]
+
+    # 2. every mode and sweep
+    results = run_configs(model, prompts, s, log, resolve_auto)
+    out["results"] = [r.to_dict() for r in results]
+
+    # 3. block_length="auto": expected tokens/s per L against what spec measured at each L
+    acc = _acceptance_from(results, "fp32")
+    if acc is not None:
+        best, table = best_block_length(acc, costs["fp32"], s.block_lengths)
+        measured = {r.resolved_block_length: r.tokens_per_s_median for r in results
+                    if r.config.mode == "spec" and r.config.batch_size == 1 and r.config.dtype == "fp32"}
+        out["auto_block_length"] = {"chosen": best, "acceptance_profile": acc.to_dict(),
+                                    "expected_tokens_per_s": table, "measured_tokens_per_s": measured}
+    out["cost_profiles"] = {k: v.to_dict() for k, v in costs.items()}
+
+    # 4. speed of light per block length, and the fraction of it each real sampler reaches
+    t0 = time.perf_counter()
+    sol_ids = [p.encode(model.tokenizer) for p in prompts[: s.sol_prompts]]
+    sols = {L: sol_on_model(model, sol_ids, L, s.sol_blocks_per_prompt, s.sol_budget) for L in s.block_lengths}
+    out["sol"] = {L: v.to_dict() for L, v in sols.items()}
+    for r, d in zip(results, out["results"], strict=True):
+        L = r.resolved_block_length
+        if L in sols and r.tpf:
+            r.sol_fraction = d["sol_fraction"] = r.tpf / sols[L].sol_tpf
+    log(f"speed of light: {time.perf_counter() - t0:.0f} s")
+
+    # 5. roofline of AR batch 1 (and of transformers, for comparison)
+    bw = copy_bandwidth(model.device)
+    out["copy_bandwidth_bytes_per_s"] = bw
+    roof = {}
+    mean_prompt = statistics.mean(len(p.encode(model.tokenizer)) for p in prompts)
+    for r in results:
+        if r.config.mode in ("ar", "hf") and r.config.batch_size == 1:
+            ctx = mean_prompt + r.generated_tokens / len(prompts) / 2
+            m = model_in_dtype(model, r.config.dtype)
+            roof[r.config.label] = roofline(m, r.tokens_per_s_median, ctx, bw).to_dict()
+    out["roofline"] = roof
+
+    # 6. where the time goes in AR decoding, and the peak RSS of `tridlm generate`
+    if s.profile:
+        out["hotspots"] = _hotspots(model, prompts, s, log)
+    if path is not None:
+        try:
+            from .hotspots import generate_peak_rss
+
+            out["generate_rss"] = generate_peak_rss(path, max_new_tokens=min(32, s.max_new_tokens))
+        except Exception as e:  # the command belongs to another module; report, do not fail the run
+            out["generate_rss"] = {"error": str(e)}
+    out["targets"] = targets(out)
+    out["load_average_end"] = _loadavg()
+    out["wall_time_s"] = time.perf_counter() - t_start
+    if write:
+        rep.write_all(out, out_dir)
+        log(f"wrote {out_dir}/bench.md, bench.json and plots ({out['wall_time_s']:.0f} s in all)")
+    return out
+
+
+def _loadavg():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def _hotspots(model, prompts, s: BenchSettings, log) -> dict:
+    from .hotspots import forward_share, top_ops
+
+    ids = prompts[0].encode(model.tokenizer)
+    n = min(32, s.max_new_tokens)
+    out = {}
+    for dtype in s.dtypes:
+        m = model_in_dtype(model, dtype)
+
+        def run(m=m):
+            return m.generate(ids, mode="ar", max_new_tokens=n, ignore_eos=True)
+
+        run()  # warm
+        share = forward_share(m, run)
+        ops = top_ops(run, cuda=m.device.type == "cuda")
+        out[dtype] = {"new_tokens": n, **share, "top_ops": ops}
+        log(f"AR {dtype}: {share['forward_share']:.0%} of decode wall time inside model.forward")
+    return out
+
+
+def targets(out: dict) -> list[dict]:
+    """The issue's speed targets, each with the measured figure and whether it is met."""
+    res = {r["label"]: r for r in out["results"]}
+    t = []
+    for dtype in ("fp32", "bf16"):
+        ar, hf = res.get(f"ar b=1 {dtype}"), res.get(f"transformers b=1 {dtype}")
+        if ar and hf:
+            ratio = ar["tokens_per_s"]["median"] / hf["tokens_per_s"]["median"]
+            t.append({"target": f"AR batch 1 {dtype} >= {TARGET_HF_RATIO:g}x transformers generate",
+                      "measured": f"{ratio:.2f}x", "value": ratio, "met": ratio >= TARGET_HF_RATIO})
+        roof = out.get("roofline", {}).get(f"ar b=1 {dtype}")
+        if roof:
+            t.append({"target": f"AR batch 1 {dtype} >= {TARGET_ROOFLINE:.0%} of the bandwidth roofline",
+                      "measured": f"{roof['fraction']:.0%}", "value": roof["fraction"],
+                      "met": roof["fraction"] >= TARGET_ROOFLINE})
+    auto = res.get("spec L=auto b=1 fp32")
+    if auto and auto.get("speedup_vs_ar") is not None:
+        same = auto["quality"].get("identical_to_ar"), len(out["prompts"])
+        t.append({"target": f"spec at block_length=auto >= {TARGET_SPEC_SPEEDUP:g}x own AR tokens/s",
+                  "measured": f"{auto['speedup_vs_ar']:.2f}x (L={auto['block_length']})",
+                  "value": auto["speedup_vs_ar"], "met": auto["speedup_vs_ar"] >= TARGET_SPEC_SPEEDUP})
+        t.append({"target": "spec output identical to AR (greedy)", "measured": f"{same[0]}/{same[1]} prompts",
+                  "value": same[0], "met": same[0] == same[1]})
+    rss = out.get("generate_rss", {})
+    if rss.get("peak_rss_bytes"):
+        t.append({"target": "peak RSS of tridlm generate <= 1.5 GB",
+                  "measured": f"{rss['peak_rss_bytes'] / 1e9:.2f} GB", "value": rss["peak_rss_bytes"],
+                  "met": rss["peak_rss_bytes"] <= TARGET_RSS_BYTES and rss.get("exit_code") == 0})
+    return t
+
+
+def default_command(argv=None) -> str:
+    return " ".join(["tridlm", *(sys.argv[1:] if argv is None else argv)])

@@ -1,0 +1,76 @@
+"""`tridlm bench [MODEL]`: every decoding mode side by side on a prompt set; Markdown, JSON and PNG outputs."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = """\
+Runs AR, block diffusion, linear and quadratic self-speculation and the transformers generate baseline
+(AR, greedy, same weights) in one process, with sweeps over block length, threshold, batch size and
+dtype; then the speed-of-light analysis, the hardware cost profile and block_length="auto", and the
+memory-bandwidth roofline of AR decoding. Writes bench.md, bench.json and PNG plots to --out.
+MODEL is a checkpoint folder, or 'smollm2' for the converted SmolLM2-135M base (the default)."""
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.split(",") if x.strip())
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in s.split(",") if x.strip())
+
+
+def _words(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+OVERRIDES = {  # option -> (settings field, parser)
+    "n_prompts": int, "max_new_tokens": int, "repeats": int, "block_length": int, "threshold": float,
+    "block_lengths": _ints, "thresholds": _floats, "batch_sizes": _ints, "dtypes": _words, "modes": _words,
+    "sol_prompts": int, "sol_budget": int,
+}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmark every decoding mode side by side", description=HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",
+                   help="checkpoint folder, or 'smollm2' (default)")
+    p.add_argument("--quick", action="store_true", help="a run of a few minutes (few prompts, short outputs)")
+    p.add_argument("--prompts", default="mixed",
+                   help="gsm8k, humaneval, stories, mixed (default), a comma list of those, or a .jsonl file")
+    p.add_argument("--out", default="bench-out", help="output folder (default bench-out)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--no-profile", action="store_true", help="skip the operator profile of AR decoding")
+    for name, typ in OVERRIDES.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
+                       help="comma-separated list" if typ in (_ints, _floats, _words) else None)
+    p.set_defaults(func=run)
+
+
+def resolve_model(name: str):
+    if name in ("smollm2", "smollm2-base"):
+        from tridlm.convert.smollm2 import smollm2_base
+
+        return smollm2_base()
+    return name
+
+
+def settings_from_args(args):
+    from tridlm.bench import BenchSettings
+
+    kw = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    kw.update(prompts=args.prompts, ignore_eos=args.ignore_eos, hf_baseline=not args.no_hf,
+              profile=not args.no_profile)
+    return BenchSettings.quick_settings(**kw) if args.quick else BenchSettings(**kw)
+
+
+def run(args) -> int:
+    from tridlm.bench import run_bench
+    from tridlm.bench.suite import default_command
+
+    s = settings_from_args(args)
+    run_bench(resolve_model(args.model), s, out_dir=args.out, device=args.device, command=default_command())
+    return 0

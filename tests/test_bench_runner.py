@@ -1,0 +1,90 @@
+"""The benchmark end to end on a tiny random model: every mode and sweep runs, every output is written."""
+
+import json
+
+import pytest
+from conftest import random_model
+
+from tridlm.bench import BenchSettings, plan_configs, run_bench
+from tridlm.bench.prompts import STORY_OPENINGS
+from tridlm.bench.runner import agreement
+from tridlm.training.bpe import train_bpe
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = train_bpe(list(STORY_OPENINGS) * 4, vocab_size=300)
+    model = random_model(seed=0, vocab_size=300, mask_token_id=tok.mask_id, eos_token_id=tok.eos_id,
+                         bos_token_id=tok.eos_id)
+    model.tokenizer = tok
+    return model
+
+
+def tiny_settings(**kw):
+    base = dict(prompts="gsm8k,stories", n_prompts=2, max_new_tokens=6, repeats=2, block_length=4,
+                block_lengths=(2, 4), thresholds=(0.5, 0.9), threshold_block_lengths=(4,), batch_sizes=(1, 2),
+                quadratic_block_length=2, sol_prompts=1, sol_budget=20, cost_tokens=(1, 2, 4),
+                cost_batch_sizes=(1, 2), cost_repeats=1, ignore_eos=True)
+    base.update(kw)
+    return BenchSettings.quick_settings(**base)
+
+
+def test_plan_covers_every_sweep_once():
+    s = BenchSettings()
+    plan = plan_configs(s)
+    cfgs = [c for c, _ in plan]
+    assert len(cfgs) == len(set(cfgs))
+    sweeps = {t for _, tags in plan for t in tags}
+    assert sweeps >= {"main", "block", "threshold", "batch", "dtype"}
+    assert {c.block_length for c in cfgs if c.mode == "spec"} == {4, 8, 16, 32, "auto"}
+    assert {c.threshold for c in cfgs if c.mode == "diffusion"} == {0.5, 0.7, 0.9, 0.95}
+    assert {c.batch_size for c in cfgs} == {1, 4, 16}
+    assert {c.dtype for c in cfgs} == {"fp32", "bf16"}
+    assert {c.mode for c in cfgs} == {"ar", "hf", "diffusion", "spec", "spec-quadratic"}
+    # spec at the largest block runs before "auto", which reads its acceptance lengths
+    order = [(c.mode, c.block_length, c.dtype) for c in cfgs]
+    assert order.index(("spec", 32, "fp32")) < order.index(("spec", "auto", "fp32"))
+
+
+def test_agreement():
+    assert agreement([1, 2, 3], [1, 2, 3]) == 1.0
+    assert agreement([1, 9, 3], [1, 2, 3]) == pytest.approx(2 / 3)
+    assert agreement([1, 2], [1, 2, 3, 4]) == 0.5  # missing positions disagree
+    assert agreement([], []) == 1.0
+
+
+def test_run_bench_writes_every_output(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRIDLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    rep = run_bench(tiny, tiny_settings(), out_dir=out, command="tridlm bench --test", log=lambda *_: None)
+    for name in ("bench.md", "bench.json", "tpf_vs_quality.png", "acceptance_histogram.png",
+                 "tokens_per_s_vs_block_length.png", "cost_profile.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    data = json.loads((out / "bench.json").read_text())
+    res = {r["label"]: r for r in data["results"]}
+    ar = res["ar b=1 fp32"]
+    assert ar["tpf"] == 1.0 and ar["speedup_vs_ar"] == 1.0 and ar["quality"]["ar_agreement"] == 1.0
+    assert len(ar["tokens_per_s"]["repeats"]) == 2
+    # transformers generate on the same weights gives the same greedy tokens
+    assert res["transformers b=1 fp32"]["quality"]["identical_to_ar"] == 2
+    # self-speculation is lossless at greedy, and its acceptance lengths are recorded
+    for L in (2, 4):
+        spec = res[f"spec L={L} b=1 fp32"]
+        assert spec["quality"]["identical_to_ar"] == 2
+        assert spec["acceptance_length_histogram"] and max(map(int, spec["acceptance_length_histogram"])) <= L
+    auto = res["spec L=auto b=1 fp32"]
+    assert auto["block_length"] in (2, 4) and data["auto_block_length"]["chosen"] in (2, 4)
+    assert {"bf16"} <= {r["config"]["dtype"] for r in data["results"]}
+    assert {r["config"]["batch_size"] for r in data["results"]} == {1, 2}
+    # SOL per block length, with the fraction each sampler reaches
+    assert set(data["sol"]) == {"2", "4"}
+    assert all(v["oracle_tpf"] == 1.0 and v["sol_tpf"] >= 1.0 for v in data["sol"].values())
+    assert res["diffusion L=4 τ=0.9 b=1 fp32"]["sol_fraction"] > 0
+    assert data["roofline"]["ar b=1 fp32"]["fraction"] > 0
+    assert data["hotspots"]["fp32"]["top_ops"]
+    assert any(t["target"].startswith("AR batch 1 fp32") for t in data["targets"])
+    md = (out / "bench.md").read_text()
+    for heading in ("All modes side by side", "Speed of light", "block_length=\"auto\"", "Roofline", "Cost profile",
+                    "Threshold sweep", "Batch size sweep", "dtype sweep"):
+        assert heading in md
+    assert rep["wall_time_s"] > 0

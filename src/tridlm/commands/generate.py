@@ -1,0 +1,127 @@
+"""`tridlm generate MODEL [PROMPT]`: one generation in any mode; the prompt from the argument or stdin."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tridlm.decoding.params import MODES, POLICIES
+
+HELP = """\
+Modes: ar (one token per forward), diffusion (block denoising over a prefix cache), spec (linear
+self-speculation: a diffusion draft, then a causal verify pass; identical to ar at temperature 0),
+spec-quadratic (one forward per cycle verifies and drafts). The text goes to stdout, a one-line
+summary of the metrics to stderr; --json prints the text, ids and every metric as JSON instead
+(with --stream: one JSON line per chunk, then the result)."""
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="a tridlm checkpoint folder")
+    p.add_argument("--mode", default="ar", help=f"decoding mode: {', '.join(MODES)} (default ar)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible output)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the text contains TEXT (repeatable); the output ends before it")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--block-length", type=int, default=32, help="diffusion/spec block length (default 32)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="diffusion: commit threshold (default 0.9); spec: 0 = one-pass draft (default), "
+                        ">0 = threshold passes")
+    p.add_argument("--steps", type=int, default=None, help="denoise passes per block at most (default: "
+                   "block length)")
+    p.add_argument("--selection-policy", default="confidence_threshold",
+                   help=f"diffusion commit policy: {', '.join(POLICIES)}")
+    p.add_argument("--stream", action="store_true", help="print text as it becomes final")
+    p.add_argument("--json", action="store_true", help="print the result and metrics as JSON")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--no-draft-adapter", action="store_true", help="ignore a LoRA drafter in the checkpoint")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text in AR, diffusion or self-speculative mode",
+                              description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_generation_args(p)
+    p.add_argument("prompt", nargs="?", default=None, metavar="PROMPT",
+                   help="the prompt (omitted or '-': read stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    p.set_defaults(func=run)
+
+
+def generation_params(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+                block_length=args.block_length, threshold=args.threshold, steps=args.steps,
+                selection_policy=args.selection_policy)
+
+
+def load_model(args, params: dict):
+    """Validate the parameters against the checkpoint's config, then load it (no forward runs)."""
+    import torch
+
+    from tridlm.checkpoint import load, read_config
+    from tridlm.decoding.params import GenerationParams
+
+    GenerationParams(mode=args.mode, **params).resolve(read_config(args.model))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(args.model, draft_adapter=not args.no_draft_adapter).to(device).eval()
+    if args.dtype:
+        model = model.to(getattr(torch, args.dtype))
+    return model
+
+
+def summary(result) -> str:
+    m = result.metrics
+    parts = [f"[{result.mode}] {m.generated_tokens} tokens",
+             f"{m.forwards} forwards (+{m.prefill_forwards} prefill)"]
+    if m.tokens_per_forward is not None:
+        parts.append(f"TPF {m.tokens_per_forward:.2f}")
+    if m.acceptance_lengths:
+        parts.append(f"acceptance {sum(m.acceptance_lengths) / len(m.acceptance_lengths):.2f}")
+    if m.denoise_passes:
+        parts.append(f"denoise passes/block {sum(m.denoise_passes) / len(m.denoise_passes):.2f}")
+    if m.tokens_per_second is not None:
+        parts.append(f"{m.tokens_per_second:.1f} tok/s")
+    parts.append(f"{m.wall_time_s:.2f} s")
+    return ", ".join(parts)
+
+
+def run(args) -> int:
+    from tridlm.generate import generate
+
+    prompt = args.prompt
+    if prompt is None or prompt == "-":
+        prompt = sys.stdin.read()
+    params = generation_params(args)
+    model = load_model(args, params)
+    add_special = True
+    if args.chat:
+        if model.tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer: --chat needs one")
+        prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        add_special = False
+    if prompt == "" and model.tokenizer is not None and model.tokenizer.bos_id is not None:
+        prompt = [model.tokenizer.bos_id]  # an empty prompt: start from BOS
+    out = generate(model, prompt, args.mode, stream=args.stream, add_special_tokens=add_special, **params)
+    if args.stream:
+        for chunk in out:
+            if args.json:
+                print(json.dumps({"text": str(chunk), "ids": chunk.ids}), flush=True)
+            else:
+                print(chunk, end="", flush=True)
+        result = out.result
+    else:
+        result = out
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        if not args.stream:
+            print(result.text, end="")
+        print()
+        print(summary(result), file=sys.stderr)
+    return 0

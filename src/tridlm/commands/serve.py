@@ -1,0 +1,84 @@
+"""`tridlm serve [--model PATH]`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from tridlm.decoding.params import MODES
+
+HELP = """\
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, GET /metrics.
+Each request may choose its decoding with extra body fields: mode (ar, diffusion, spec, spec-quadratic,
+auto), block_length (an integer or "auto"), threshold, steps, selection_policy, top_k, ignore_eos.
+mode "auto" picks self-speculation while fewer than --auto-spec-below rows are active, else AR (both
+give the same text at temperature 0); the response's `mode` says which ran.
+
+  tridlm serve --model out/tiny --port 8000
+  curl 127.0.0.1:8000/v1/completions -d '{"prompt": "To be", "max_tokens": 32, "mode": "spec"}'"""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", description=HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, metavar="PATH", help="a tridlm checkpoint folder (default: the "
+                   "default model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--api-key", default=os.environ.get("TRIDLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $TRIDLM_API_KEY, else no auth)")
+    p.add_argument("--default-mode", default="auto", choices=(*MODES, "auto"),
+                   help="mode of requests that name none (default auto)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
+    p.add_argument("--max-running", type=int, default=16, help="rows decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="rows waiting for a slot before 429 (default 64)")
+    p.add_argument("--auto-spec-below", type=int, default=4,
+                   help='mode "auto": self-speculation while fewer rows than this are active (default 4)')
+    p.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens accepted (default 2048)")
+    p.add_argument("--max-n", type=int, default=8, help="largest n accepted (default 8)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--default-temperature", type=float, default=0.0,
+                   help="temperature of requests that give none (default 0: greedy)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--no-draft-adapter", action="store_true", help="ignore a LoRA drafter in the checkpoint")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=run)
+
+
+def _default_model_path():
+    """The checkpoint `tridlm serve` uses without --model."""
+    raise ValueError("no default model is installed; pass --model PATH")
+
+
+def build_app(args):
+    import torch
+
+    from tridlm.checkpoint import load
+    from tridlm.server import EngineConfig, Limits, ServerConfig, create_app
+
+    path = args.model if args.model is not None else _default_model_path()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(path, draft_adapter=not args.no_draft_adapter).to(device).eval()
+    if args.dtype:
+        model = model.to(getattr(torch, args.dtype))
+    name = args.served_model_name or os.path.basename(os.path.normpath(str(path)))
+    config = ServerConfig(
+        model_name=name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
+        limits=Limits(default_mode=args.default_mode, default_temperature=args.default_temperature,
+                      max_tokens_cap=args.max_tokens_cap, max_n=args.max_n),
+        engine=EngineConfig(max_running=args.max_running, max_queue=args.max_queue,
+                            auto_spec_below=args.auto_spec_below))
+    return create_app(model, config=config), name
+
+
+def run(args) -> int:
+    import uvicorn
+
+    app, name = build_app(args)
+    print(f"tridlm serve: {name} on http://{args.host}:{args.port}/v1"
+          + (" (API key required)" if args.api_key else ""), flush=True)
+    # in-flight streams get a few seconds to end on shutdown, then the engine fails what is left
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    return 0

@@ -1,0 +1,253 @@
+"""The OpenAI-compatible HTTP front: `create_app(model)` -> a FastAPI app over one `Engine`.
+
+    GET  /v1/models            the served model
+    POST /v1/completions       text or token-id prompts
+    POST /v1/chat/completions  messages rendered with the chat template
+    GET  /health               liveness and load
+    GET  /metrics              Prometheus text
+
+Requests pick their decoding per call with extra body fields (mode, block_length, threshold, steps,
+selection_policy, top_k, ignore_eos). The event loop only does I/O: validation, submission to the
+engine (whose worker thread runs the model), and relaying the engine's events to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from ..decoding import GenerationError
+from ..decoding.params import MODES
+from ..engine import AUTO, Delta, Engine, EngineClosed, EngineConfig, Failed, Finished, QueueFull
+from . import errors, prometheus
+from .errors import APIError, from_validation_error, invalid
+from .openai_format import Formatter, sse, usage
+from .prompts import Limits, chat_prompt, completion_prompts, generation_params
+from .schemas import ChatCompletionRequest, CompletionRequest
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "tridlm"
+    api_key: str | None = None  # None: no auth
+    max_body_bytes: int = 1 << 20
+    limits: Limits = field(default_factory=Limits)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object, refusing bodies over `limit` bytes before reading them whole."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is {declared} bytes; the limit is {limit}")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+    try:
+        data = json.loads(bytes(buf), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"malformed JSON body: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the JSON body must be an object, got {type(data).__name__}")
+    return data
+
+
+def parse(model: type[BaseModel], data: dict):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+
+
+class _HTTPStatsMiddleware:
+    """Counts every response by endpoint and status, timing streams until their last byte."""
+
+    KNOWN = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+
+    def __init__(self, app, stats: prometheus.HTTPStats):
+        self.app, self.stats = app, stats
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+
+        async def send_(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_)
+        finally:
+            path = scope.get("path", "")
+            self.stats.record(path if path in self.KNOWN else "other", status[0], time.perf_counter() - t0)
+
+
+async def _cancel_on_disconnect(request: Request, req) -> None:
+    """Cancel `req` when the client goes away (the ASGI server reports it as http.disconnect)."""
+    while not req.done:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            req.cancel()
+            return
+
+
+def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine: Engine | None = None) -> FastAPI:
+    """The app; it starts its engine's worker on startup and stops it on shutdown (unless one is passed in)."""
+    config = config or ServerConfig()
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    owns_engine = engine is None
+    engine = engine or Engine(model, tokenizer, config.engine, start=False)
+    limits = config.limits
+    if limits.default_mode not in (*MODES, AUTO):
+        raise ValueError(f"default mode {limits.default_mode!r} is not one of {', '.join((*MODES, AUTO))}")
+    http_stats = prometheus.HTTPStats()
+    started = time.time()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        if owns_engine:
+            await asyncio.to_thread(engine.close)
+
+    app = FastAPI(title="tridlm", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.config = config
+    errors.install(app)
+    app.add_middleware(_HTTPStatsMiddleware, stats=http_stats)
+
+    def check_api_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization")
+        if not header:
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="missing_api_key")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != config.model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {config.model_name!r}",
+                           "model", code="model_not_found")
+
+    def submit(prompts: list[list[int]], params, n: int):
+        try:
+            return engine.submit(prompts, params, n=n, loop=asyncio.get_running_loop())
+        except GenerationError as e:
+            raise invalid(str(e)) from None
+        except QueueFull as e:
+            raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+        except EngineClosed as e:
+            raise APIError(503, str(e)) from None
+
+    async def run(request: Request, body, prompts, params, chat: bool):
+        req = submit(prompts, params, body.n or 1)
+        fmt = Formatter(chat, config.model_name, req.mode)
+        lengths = [len(p) for p in prompts]
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream(req, fmt, lengths, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watch = asyncio.create_task(_cancel_on_disconnect(request, req))
+        try:
+            texts, reasons, metrics = [""] * len(req.rows), [""] * len(req.rows), [None] * len(req.rows)
+            async for ev in req.events():
+                if isinstance(ev, Delta):
+                    texts[ev.index] += ev.text
+                elif isinstance(ev, Finished):
+                    reasons[ev.index], metrics[ev.index] = ev.reason, ev.metrics
+                elif isinstance(ev, Failed):
+                    raise APIError(503 if "shutting down" in ev.message else 500, ev.message)
+        finally:
+            watch.cancel()
+            if not req.done:
+                req.cancel()
+        return JSONResponse(fmt.response(texts, reasons, usage(lengths, metrics, req.mode, req.block_length)))
+
+    async def _stream(req, fmt: Formatter, lengths: list[int], include_usage: bool):
+        try:
+            if fmt.chat:
+                for i in range(len(req.rows)):
+                    yield sse(fmt.chunk(i, role=True))
+            metrics: list = [None] * len(req.rows)
+            left = len(req.rows)
+            async for ev in req.events():
+                if isinstance(ev, Delta):
+                    if ev.text:
+                        yield sse(fmt.chunk(ev.index, ev.text))
+                elif isinstance(ev, Finished):
+                    metrics[ev.index], left = ev.metrics, left - 1
+                    u = None
+                    if left == 0 and not include_usage:  # no usage chunk was asked for: the last chunk has it
+                        u = usage(lengths, metrics, req.mode, req.block_length)
+                    yield sse(fmt.chunk(ev.index, reason=ev.reason, usage_=u))
+                elif isinstance(ev, Failed):
+                    yield sse(errors.error_body(500, ev.message))
+                    break
+            else:
+                if include_usage:
+                    yield sse(fmt.usage_chunk(usage(lengths, metrics, req.mode, req.block_length)))
+            yield sse("[DONE]")
+        finally:  # the client went away (the stream is cancelled) or we are done: free the rows
+            if not req.done:
+                req.cancel()
+
+    @app.get("/health")
+    async def health():
+        s = engine.stats()
+        dead = engine._dead
+        body = {"status": "error" if dead else "ok", "model": config.model_name,
+                "active_requests": s.active_requests, "running_rows": s.running_rows, "waiting_rows": s.waiting_rows}
+        if dead:
+            body["error"] = dead
+        return JSONResponse(body, status_code=503 if dead else 200)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(prometheus.render(engine.stats(), http_stats, started),
+                                 media_type=prometheus.CONTENT_TYPE)
+
+    @app.get("/v1/models", dependencies=[Depends(check_api_key)])
+    async def models():
+        cfg = model.config
+        return {"object": "list", "data": [{
+            "id": config.model_name, "object": "model", "created": int(started), "owned_by": "tridlm",
+            "max_model_len": cfg.max_position_embeddings, "modes": [*MODES, AUTO]}]}
+
+    @app.post("/v1/completions", dependencies=[Depends(check_api_key)])
+    async def completions(request: Request):
+        body = parse(CompletionRequest, await read_json(request, config.max_body_bytes))
+        check_model(body.model)
+        max_tokens = body.max_tokens or limits.default_max_tokens
+        params = generation_params(body, limits, max_tokens)
+        prompts = completion_prompts(body, tokenizer, model.config, limits)
+        return await run(request, body, prompts, params, chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_api_key)])
+    async def chat_completions(request: Request):
+        body = parse(ChatCompletionRequest, await read_json(request, config.max_body_bytes))
+        check_model(body.model)
+        prompt, stop_ids, extra_stop = chat_prompt(body, tokenizer, model.config)
+        params = generation_params(body, limits, body.max_completion_tokens or body.max_tokens, stop_ids, extra_stop)
+        return await run(request, body, [prompt], params, chat=True)
+
+    return app
+

@@ -1,0 +1,120 @@
+"""Request bodies of the OpenAI-compatible endpoints, with tridlm's decoding knobs as extra fields.
+
+Unknown fields are rejected rather than ignored, so a misspelt knob (`step` for `steps`) fails loudly
+instead of silently decoding with the default. Standard fields tridlm does not implement are accepted
+only at their neutral value (`logprobs: null`, `presence_penalty: 0`, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..decoding.params import POLICIES
+
+Policy = Literal[POLICIES]  # type: ignore[valid-type]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int | None = Field(default=None, ge=1)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    # accepted only at their neutral values
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+    # tridlm's knobs
+    mode: str | None = None
+    block_length: int | Literal["auto"] | None = None
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    steps: int | None = Field(default=None, ge=1)
+    selection_policy: Policy | None = None
+    top_k: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
+
+    @model_validator(mode="after")
+    def _neutral(self):
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise ValueError(f"{name} is not supported (only 0)")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        if self.logprobs not in (None, False, 0):
+            raise ValueError("logprobs is not supported")
+        if isinstance(self.block_length, int) and self.block_length < 1:
+            raise ValueError(f"block_length must be an integer >= 1 or \"auto\", got {self.block_length}")
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            raise ValueError("stop takes at most 4 sequences")
+        return self
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.best_of not in (None, 1, self.n or 1):
+            raise ValueError("best_of is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        return self
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: passed to the chat template
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    top_logprobs: int | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.tools:
+            raise ValueError("tools are not supported")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise ValueError("response_format other than text is not supported")
+        if self.top_logprobs:
+            raise ValueError("top_logprobs is not supported")
+        return self

@@ -130,3 +130,23 @@ def test_a_failing_step_fails_its_batch_and_the_engine_keeps_serving(model):
     finally:
         del model.forward
         engine.close()
+
+
+def test_a_long_prompt_joining_beside_a_row_near_its_end(model):
+    """Padding to the joining row's prefill makes the old row write past the room it asked for."""
+    from tridlm.decoding import DecodeBatch, Row
+
+    short, long = [5, 6, 7, 8], list(range(4, 24))
+    p1 = GenerationParams(max_new_tokens=40, ignore_eos=True, block_length=1)
+    p2 = p1.replace(max_new_tokens=12)
+    want = [model.generate(short, "ar", max_new_tokens=40, ignore_eos=True).ids,
+            model.generate(long, "ar", max_new_tokens=12, ignore_eos=True).ids]
+    r1, r2 = Row(short, p1, model.config), Row(long, p2, model.config)
+    batch = DecodeBatch(model, [r1])
+    with torch.inference_mode():
+        for _ in range(35):
+            batch.step()
+        batch.add(r2)
+        while not batch.done:
+            batch.step()
+    assert [r1.output, r2.output] == want

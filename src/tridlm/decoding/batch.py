@@ -119,6 +119,8 @@ class DecodeBatch:
             for i, p in enumerate(plans):
                 pattern[i, :sizes[i], :sizes[i]] = new_token_mask(p.pattern, sizes[i], device=dev)
         write = any(p.write for p in plans)
+        if write:  # padding makes every row write T slots: a row near its end may need more than it asked for
+            self._resize(B, int(self.cache.lengths.max()) + T)
         out = self.model(ids, positions=pos, cache=self.cache, pattern=pattern, write_cache=write,
                          valid=None if bool(valid.all()) else valid, logits_at=at, draft=draft)
         return [out[i, :p.logits_at.numel()] for i, p in enumerate(plans)]

@@ -435,3 +435,29 @@ def test_prompt_longer_than_context_window(model, monkeypatch):
         model.generate([[]], "ar")
     with pytest.raises(ValueError, match="needs a tokenizer"):
         model.generate("hello", "ar")
+
+
+def test_quadratic_layout_equals_one_forward_per_group(small_vocab):
+    """In the quadratic forward, the b chain is a causal pass and group j's masks see exactly
+    prefix + b_0..b_j + their own group -- nothing of the other groups."""
+    from tridlm.decoding.spec_quadratic import layout
+
+    m, L, mask_id = small_vocab, 3, small_vocab.config.mask_token_id
+    prefix, b = [5, 6, 7, 8], torch.tensor([9, 4, 10, 11])
+    n, c = b.numel(), len(prefix)
+    cache = m.new_cache(1, 64)
+    with torch.no_grad():
+        m(torch.tensor([prefix]), cache=cache)
+        group, off, pattern = layout(n, L, None)
+        tokens = torch.where(off == 0, b[group], torch.full_like(group, mask_id))
+        logits = m(tokens[None], positions=(c + group + off)[None], cache=cache, pattern=pattern)[0]
+        assert int(cache.lengths[0]) == c  # an explicit pattern reads the cache without writing it
+        causal = m(b[None], cache=cache, write_cache=False)[0]
+        torch.testing.assert_close(logits[off == 0], causal, atol=1e-5, rtol=1e-5)
+        for j in range(n):
+            toks = torch.cat([b[:j + 1], torch.full((L,), mask_id)])
+            pos = c + torch.cat([torch.arange(j + 1), j + 1 + torch.arange(L)])
+            pat = torch.ones(j + 1 + L, j + 1 + L, dtype=torch.bool)
+            pat[:j + 1] = torch.ones(j + 1, j + 1 + L, dtype=torch.bool).tril()  # b's: causal, no masks
+            alone = m(toks[None], positions=pos[None], cache=cache, pattern=pat)[0]
+            torch.testing.assert_close(logits[(group == j) & (off > 0)], alone[j + 1:], atol=1e-5, rtol=1e-5)

@@ -29,6 +29,12 @@ class DecodeBatch:
         rows = [r for r in rows if not r.finished]
         if not rows:
             return
+        dev = self.model.device
+        for r in rows:  # a row samples with its own generator, which lives on one device
+            other_index = None not in (r.device.index, dev.index) and r.device.index != dev.index
+            if r.device.type != dev.type or other_index:
+                raise ValueError(f"a row built for {r.device} cannot join a batch on {dev}: "
+                                 f"pass device=model.device to Row")
         need = max(len(r.prompt) + r.limit + r.mode.scratch(r.params) for r in rows)
         self._resize(len(self.rows) + len(rows), need)
         for r in rows:

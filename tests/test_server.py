@@ -142,11 +142,11 @@ def test_n_seed_stop_and_token_prompts(live, client):
     ids = model.tokenizer.encode("To be", add_special_tokens=True)
     r = client.completions.create(model=NAME, prompt=ids, max_tokens=10, temperature=0)
     assert r.choices[0].text == reference(model, ids, "ar", 10).text
-    full = reference(model, "To be", "ar", 24).text
-    stop = full[len(full) // 2:len(full) // 2 + 2]
+    full = reference(model, "To be", "ar", 24, ignore_eos=True).text
+    stop = next(full[i:i + 2] for i in range(len(full) // 2, len(full) - 1) if full[i:i + 2].strip())
     r = client.completions.create(model=NAME, prompt="To be", max_tokens=24, temperature=0, stop=[stop],
-                                  extra_body={"mode": "spec", "block_length": 4})
-    assert r.choices[0].text == reference(model, "To be", "ar", 24, stop=(stop,)).text
+                                  extra_body={"mode": "spec", "block_length": 4, "ignore_eos": True})
+    assert r.choices[0].text == reference(model, "To be", "ar", 24, stop=(stop,), ignore_eos=True).text
     assert stop not in r.choices[0].text and r.choices[0].finish_reason == "stop"
 
 
@@ -251,16 +251,17 @@ def test_full_queue_is_429_and_a_client_that_gives_up_is_cancelled(tiny_trained)
     try:
         engine.pause()  # hold admission so the queue fills deterministically
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=60)
-        with ThreadPoolExecutor(1) as pool:
-            first = pool.submit(c.completions.create, model=NAME, prompt="O", max_tokens=4, temperature=0)
+        with ThreadPoolExecutor(2) as pool:  # one row may run, one may wait: both wait while paused
+            first = [pool.submit(c.completions.create, model=NAME, prompt="O", max_tokens=4, temperature=0)
+                     for _ in range(2)]
             deadline = time.monotonic() + 30
-            while engine.stats().waiting_rows < 1 and time.monotonic() < deadline:
+            while engine.stats().waiting_rows < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)
             with pytest.raises(openai.RateLimitError) as e:
                 c.completions.create(model=NAME, prompt="O", max_tokens=4)
             assert e.value.status_code == 429 and "queue is full" in e.value.message
             engine.resume()
-            assert first.result().choices[0].text == reference(model, "O", "ar", 4).text
+            assert [f.result().choices[0].text for f in first] == [reference(model, "O", "ar", 4).text] * 2
         # a non-streamed request whose client times out while it waits: the server cancels it
         engine.pause()
         with httpx.Client(base_url=server.url, timeout=0.5) as h, pytest.raises(httpx.ReadTimeout):

@@ -69,7 +69,7 @@ def test_n_rows_take_seeds_from_the_request_seed(model):
 
 
 def test_auto_mode_follows_the_load_and_validation_comes_first(model):
-    engine = Engine(model, config=EngineConfig(auto_spec_below=2, max_queue=3), start=False)  # nothing steps
+    engine = Engine(model, config=EngineConfig(auto_spec_below=2, max_running=1, max_queue=2), start=False)
     p = prompts(1)[0]
     auto = GenerationParams(mode="auto", max_new_tokens=4)
     assert engine.submit([p], auto).mode == "spec"  # load 0

@@ -42,7 +42,7 @@ _PLACEHOLDER_BLOCK = 32
 @dataclass
 class EngineConfig:
     max_running: int = 16  # rows decoded together in one batch
-    max_queue: int = 64  # rows waiting for a batch slot; beyond it submit() raises QueueFull
+    max_queue: int = 64  # rows that may wait for a batch slot; beyond it submit() raises QueueFull
     auto_spec_below: int = 4  # mode "auto": `auto_light` while fewer rows are active than this
     auto_light: str = "spec"  # few rows: one row's forwards are cheap, speculation buys latency
     auto_heavy: str = "ar"  # many rows: the batch is compute-bound, extra draft tokens cost throughput
@@ -81,6 +81,7 @@ class Finished:
 @dataclass
 class Failed:
     message: str
+    reason: str = "error"  # "error" (decoding failed) | "closed" (engine stopping) | "cancelled"
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -234,7 +235,7 @@ class Engine:
             self._thread.join(timeout)
         with self._cond:
             for req in list(self._running) + list(self._waiting):
-                self._end(req, Failed("the server is shutting down"), "failed")
+                self._end(req, Failed("the server is shutting down", "closed"), "failed")
             self._running.clear()
             self._waiting.clear()
             self._update_gauges()
@@ -293,7 +294,9 @@ class Engine:
         with self._cond:
             if self._closing or self._dead:
                 raise EngineClosed(self._dead or "the engine is shut down")
-            if self._stats.waiting_rows + total > self.config.max_queue:
+            s, c = self._stats, self.config
+            # rows beyond the batch's free slots (after those already waiting) must fit in the queue
+            if s.waiting_rows + total - max(0, c.max_running - s.running_rows) > c.max_queue:
                 self._stats.requests["rejected"] += 1
                 raise QueueFull(f"the request queue is full ({self.config.max_queue} rows waiting); retry later")
             if auto_mode:
@@ -338,7 +341,7 @@ class Engine:
             with self._cond:
                 self._dead = f"the decoding engine stopped: {e}"
                 for req in list(self._running) + list(self._waiting):
-                    self._end(req, Failed(self._dead), "failed")
+                    self._end(req, Failed(self._dead, "closed"), "failed")
                 self._running.clear()
                 self._waiting.clear()
                 self._update_gauges()
@@ -377,7 +380,7 @@ class Engine:
             for i, r in enumerate(req.rows):
                 if i not in req._finished:
                     self._count_row(req, r)
-            self._end(req, Failed("the request was cancelled"), "cancelled")
+            self._end(req, Failed("the request was cancelled", "cancelled"), "cancelled")
         self._cancels.clear()
         self._update_gauges()
 

@@ -175,7 +175,7 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
                 elif isinstance(ev, Finished):
                     reasons[ev.index], metrics[ev.index] = ev.reason, ev.metrics
                 elif isinstance(ev, Failed):
-                    raise APIError(503 if "shutting down" in ev.message else 500, ev.message)
+                    raise APIError(503 if ev.reason == "closed" else 500, ev.message)
         finally:
             watch.cancel()
             if not req.done:

@@ -127,6 +127,26 @@ class DecodeBatch:
         write = any(p.write for p in plans)
         if write:  # padding makes every row write T slots: a row near its end may need more than it asked for
             self._resize(B, int(self.cache.lengths.max()) + T)
+        lazy = any(p.lazy_logits for p in plans)
         out = self.model(ids, positions=pos, cache=self.cache, pattern=pattern, write_cache=write,
-                         valid=None if bool(valid.all()) else valid, logits_at=at, draft=draft)
-        return [out[i, :p.logits_at.numel()] for i, p in enumerate(plans)]
+                         valid=None if bool(valid.all()) else valid, logits_at=at, draft=draft,
+                         return_hidden=lazy)
+        rows = [out[i, :p.logits_at.numel()] for i, p in enumerate(plans)]
+        if not lazy:
+            return rows
+        head = self.model.diffusion_head
+        return [LazyLogits(h, head) if p.lazy_logits else head(h) for h, p in zip(rows, plans, strict=True)]
+
+
+class LazyLogits:
+    """Logits computed on indexing, from final hidden states [k, H]: a plan that reads only a few of
+    many positions (quadratic self-speculation) skips the head -- and a [k, V] tensor -- elsewhere."""
+
+    def __init__(self, hidden: torch.Tensor, head):
+        self.hidden, self.head = hidden, head
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.head(self.hidden[index])
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]

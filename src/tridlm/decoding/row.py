@@ -30,6 +30,7 @@ class Plan:
     logits_at [k]: indices into the t tokens whose logits `consume` receives, in that order.
     prefill: counted apart in the metrics.
     draft: which tokens are drafts (a LoRA drafter, `tridlm.lora`, acts on them only): bool or [t].
+    lazy_logits: `consume` gets a `LazyLogits` (the head runs only on the positions it indexes).
     """
 
     tokens: torch.Tensor
@@ -39,6 +40,7 @@ class Plan:
     logits_at: torch.Tensor
     prefill: bool = False
     draft: bool | torch.Tensor = False
+    lazy_logits: bool = False
 
     @property
     def size(self) -> int:

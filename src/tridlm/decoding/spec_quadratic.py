@@ -67,8 +67,10 @@ class SpecQuadratic(Mode):
         group, off, mask = layout(n, m, row.device)
         tokens = torch.where(off == 0, b[group], torch.full_like(group, row.mask_id))
         positions = row.cached + group + off
+        # a LoRA drafter acts on the masks, never on the verified chain; of the T = n (L + 1) logits,
+        # consume reads the n of the chain and the L - 1 of one group: the head runs on those alone
         return Plan(tokens, positions, mask, True, torch.arange(tokens.numel(), device=row.device),
-                    draft=off > 0)  # a LoRA drafter acts on the masks, never on the verified chain
+                    draft=off > 0, lazy_logits=True)
 
     def consume_decode(self, row: Row, plan: Plan, logits: torch.Tensor):
         st: QuadState = row.state

@@ -127,3 +127,4 @@ def test_sol_on_real_model_leaves_cache_alone_and_bounds_hold():
     s = sol_on_model(model, [ids[0].tolist(), [5, 6, 7]], block_length=4, blocks_per_prompt=2, budget=50)
     assert s.blocks == 4 and s.tokens == 16 and s.oracle_passes == 16
     assert s.oracle_tpf == 1.0 and s.sol_tpf >= 1.0 and s.greedy_tpf >= 1.0
+    assert s.sol_real_tpf == s.tokens / (s.sol_passes + 4)

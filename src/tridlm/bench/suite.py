@@ -99,7 +99,7 @@ def run_bench(model_or_path, settings: BenchSettings | None = None, out_dir="ben
     # 1. cost profile, measured on this device (fp32 here; other dtypes when "auto" needs them)
     t0 = time.perf_counter()
     costs = {"fp32": cached_cost_profile(model, tokens=s.cost_tokens, batch_sizes=s.cost_batch_sizes, refresh=True,
-                                         repeats=s.cost_repeats)}
+                                         repeats=s.cost_repeats, warmup=1)}
     log(f"cost profile: {time.perf_counter() - t0:.0f} s")
 
     def resolve_auto(m, results, batch) -> int:
@@ -110,7 +110,8 @@ def run_bench(model_or_path, settings: BenchSettings | None = None, out_dir="ben
         else:
             acc = load_acceptance_profile(m) or AcceptanceProfile.prior(max(s.block_lengths))
         if dtype not in costs:
-            costs[dtype] = cached_cost_profile(m, tokens=s.cost_tokens, batch_sizes=(1,), repeats=s.cost_repeats)
+            costs[dtype] = cached_cost_profile(m, tokens=s.cost_tokens, batch_sizes=(1,), repeats=s.cost_repeats,
+                                               warmup=1)
         cost = costs[dtype]
         return best_block_length(acc, cost, s.block_lengths, batch if batch in cost.batch_sizes else 1)[0]
 
@@ -128,7 +129,8 @@ def run_bench(model_or_path, settings: BenchSettings | None = None, out_dir="ben
                                     "expected_tokens_per_s": table, "measured_tokens_per_s": measured}
     out["cost_profiles"] = {k: v.to_dict() for k, v in costs.items()}
 
-    # 4. speed of light per block length, and the fraction of it each real sampler reaches
+    # 4. speed of light per block length, and the fraction of it each real sampler reaches (real TPF to
+    #    real TPF: every forward counted on both sides)
     t0 = time.perf_counter()
     sol_ids = [p.encode(model.tokenizer) for p in prompts[: s.sol_prompts]]
     sols = {L: sol_on_model(model, sol_ids, L, s.sol_blocks_per_prompt, s.sol_budget) for L in s.block_lengths}
@@ -136,7 +138,7 @@ def run_bench(model_or_path, settings: BenchSettings | None = None, out_dir="ben
     for r, d in zip(results, out["results"], strict=True):
         L = r.resolved_block_length
         if L in sols and r.tpf:
-            r.sol_fraction = d["sol_fraction"] = r.tpf / sols[L].sol_tpf
+            r.sol_fraction = d["sol_fraction"] = r.tpf / sols[L].sol_real_tpf
     log(f"speed of light: {time.perf_counter() - t0:.0f} s")
 
     # 5. roofline of AR batch 1 (and of transformers, for comparison)

@@ -120,6 +120,12 @@ def test_self_speculation_equals_ar_with_long_acceptances(small_vocab, mode, mon
         batch = m.generate(ps, mode, max_new_tokens=40, block_length=L, ignore_eos=True)
         assert [r.ids for r in batch.rows] == [refs[tuple(p)] for p in ps]
     assert longest >= 8  # whole runs of drafts were accepted and the cache cropped after them
+    # a batch whose rows end at an EOS at different points, inside accepted runs
+    eos = next(e for e in range(4, 12) if len({r.index(e) if e in r else 40 for r in refs.values()}) >= 3)
+    want = [r[:r.index(eos) + 1] if eos in r else r for r in (refs[tuple(p)] for p in ps)]
+    for L in (3, 8):
+        batch = m.generate(ps, mode, max_new_tokens=40, block_length=L, eos_token_id=eos)
+        assert [r.ids for r in batch.rows] == want
 
 
 @pytest.mark.parametrize("mode", ALL_MODES)

@@ -3,12 +3,22 @@
 import json
 
 import pytest
+import torch
 from conftest import random_model
 
 from tridlm.bench import BenchSettings, plan_configs, run_bench
 from tridlm.bench.prompts import STORY_OPENINGS
 from tridlm.bench.runner import agreement
 from tridlm.training.bpe import train_bpe
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared, busy machine every op would wait at the barrier."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """SOL analysis (spec §4.5) on a toy denoiser whose trajectories are worked out by hand, and on a real model."""
 
+import pytest
 import torch
 from conftest import random_model
 
@@ -11,6 +12,16 @@ from tridlm.bench.sol import (
     oracle_target,
     sol_on_model,
 )
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared, busy machine every op would wait at the barrier."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 V, MASK = 12, 11
 

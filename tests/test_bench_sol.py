@@ -135,7 +135,24 @@ def test_sol_on_real_model_leaves_cache_alone_and_bounds_hold():
     assert model.config.mask_token_id not in r.target
     assert 1 <= r.sol_passes <= r.oracle_passes == 8 and 1 <= r.greedy_passes <= 8
 
-    s = sol_on_model(model, [ids[0].tolist(), [5, 6, 7]], block_length=4, blocks_per_prompt=2, budget=50)
+    prompts = [ids[0].tolist(), [5, 6, 7]]
+    s = sol_on_model(model, prompts, block_length=4, blocks_per_prompt=2, budget=50, seeded=False)
     assert s.blocks == 4 and s.tokens == 16 and s.oracle_passes == 16
     assert s.oracle_tpf == 1.0 and s.sol_tpf >= 1.0 and s.greedy_tpf >= 1.0
     assert s.sol_real_tpf == s.tokens / (s.sol_passes + 4)
+
+    # seeded, as the samplers decode: [AR next token, MASK x 3]; 3 masked positions per block
+    s = sol_on_model(model, prompts, block_length=4, blocks_per_prompt=2, budget=50)
+    assert s.tokens == 16 and s.oracle_passes == 12 and 4 <= s.sol_passes <= 12
+
+
+def test_seed_is_the_ar_next_token(monkeypatch):
+    import tridlm.bench.sol as sol
+
+    model = random_model(seed=6)
+    seen = []
+    real = sol.analyse_block
+    monkeypatch.setattr(sol, "analyse_block", lambda d, block, *a: seen.append(block.clone()) or real(d, block, *a))
+    sol.sol_on_model(model, [[5, 6, 7, 8]], block_length=4, blocks_per_prompt=1, budget=10)
+    ar = model.generate([5, 6, 7, 8], mode="ar", max_new_tokens=1, ignore_eos=True).ids
+    assert seen[0][0].item() == ar[0] and (seen[0][1:] == model.config.mask_token_id).all()

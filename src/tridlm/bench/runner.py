@@ -73,7 +73,7 @@ class BenchSettings:
     @classmethod
     def quick_settings(cls, **kw) -> BenchSettings:
         """A run of a few minutes: few prompts, short outputs, the sweeps' end points."""
-        base = dict(n_prompts=4, max_new_tokens=12, repeats=2, block_length=8, block_lengths=(4, 16),
+        base = dict(n_prompts=4, max_new_tokens=10, repeats=2, block_length=8, block_lengths=(4, 16),
                     thresholds=(0.5, 0.9), threshold_block_lengths=(8,), batch_sizes=(1, 4),
                     dtype_sweep_modes=("ar", "hf"), sol_prompts=1, sol_budget=64, cost_tokens=(1, 4, 8, 16, 32),
                     cost_batch_sizes=(1,), cost_repeats=3, quick=True)
@@ -193,7 +193,7 @@ def measure_tridlm(model, cfg: BenchConfig, L: int | None, prompt_ids: list[list
     def call(batch, **over):
         return model.generate(batch if len(batch) > 1 else batch[0], **{**kw, **over})
 
-    call(batches[0], max_new_tokens=min(8, s.max_new_tokens))  # warm-up: allocator, kernels, caches
+    call(batches[0], max_new_tokens=min(4, s.max_new_tokens))  # warm-up: allocator, kernels, caches
     rates, outputs, acc = [], [], []
     tokens = forwards = calls = 0
     for rep in range(s.repeats):
@@ -218,7 +218,7 @@ def measure_tridlm(model, cfg: BenchConfig, L: int | None, prompt_ids: list[list
 def measure_hf(hf, cfg: BenchConfig, prompt_ids: list[list[int]], s: BenchSettings, eos: int | None) -> ConfigResult:
     from .hf_baseline import hf_generate
 
-    hf_generate(hf, prompt_ids[0], min(8, s.max_new_tokens), eos, s.ignore_eos)  # warm-up
+    hf_generate(hf, prompt_ids[0], min(4, s.max_new_tokens), eos, s.ignore_eos)  # warm-up
     rates, outputs = [], []
     for rep in range(s.repeats):
         n_tok, wall = 0, 0.0

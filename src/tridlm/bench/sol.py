@@ -226,23 +226,38 @@ class SOLSummary:
 
 @torch.no_grad()
 def sol_on_model(model, prompts: list[list[int]], block_length: int, blocks_per_prompt: int = 1,
-                 budget: int = DEFAULT_BUDGET) -> SOLSummary:
-    """SOL per block over the model's own continuation: each all-mask block is analysed, then its oracle
-    target is written causally into the prefix cache so the next block follows it."""
+                 budget: int = DEFAULT_BUDGET, seeded: bool = True) -> SOLSummary:
+    """SOL per block over the model's own continuation; each block's oracle target is then written
+    causally into the prefix cache (the commit pass) so the next block follows it.
+
+    seeded: blocks start as the samplers' do, `[seed, MASK x (L-1)]` with the seed the causal pass's
+    next-token argmax, and count all L tokens, so "real TPF" is exactly diffusion mode's accounting
+    (L tokens per K denoise passes + 1 commit pass). False: all-mask blocks, as spec §4.5 states it.
+    """
+    if seeded and block_length < 2:
+        raise ValueError("a seeded block needs block_length >= 2 (one seed and at least one mask)")
     mask_id = model.config.mask_token_id
+    dev = model.device
     s = SOLSummary(block_length, 0, 0, 0, 0, 0, 0, 0)
     for ids in prompts:
         cache = model.new_cache(1, len(ids) + block_length * blocks_per_prompt)
-        model(torch.tensor([ids], device=model.device), cache=cache)
+        last = torch.tensor([[len(ids) - 1]], device=dev)
+        logits = model(torch.tensor([ids], device=dev), cache=cache, logits_at=last)
         denoise = block_denoiser(model, cache)
         for _ in range(blocks_per_prompt):
-            r = analyse_block(denoise, torch.full((block_length,), mask_id, dtype=torch.long), mask_id, budget)
+            block = torch.full((block_length,), mask_id, dtype=torch.long)
+            if seeded:
+                next_logits = logits[0, -1].float().cpu()
+                next_logits[mask_id] = float("-inf")
+                block[0] = int(next_logits.argmax())
+            r = analyse_block(denoise, block, mask_id, budget)
             s.blocks += 1
-            s.tokens += r.masked
+            s.tokens += block_length
             s.oracle_passes += r.oracle_passes
             s.greedy_passes += r.greedy_passes
             s.sol_passes += r.sol_passes
             s.check_forwards += r.check_forwards
             s.budget_exhausted_blocks += int(r.budget_exhausted)
-            model(torch.tensor([r.target], device=model.device), cache=cache)
+            logits = model(torch.tensor([r.target], device=dev), cache=cache,
+                           logits_at=torch.tensor([[block_length - 1]], device=dev))
     return s

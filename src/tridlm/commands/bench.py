@@ -44,6 +44,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--no-profile", action="store_true", help="skip the operator profile of AR decoding")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     for name, typ in OVERRIDES.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
                        help="comma-separated list" if typ in (_ints, _floats, _words) else None)
@@ -72,5 +73,9 @@ def run(args) -> int:
     from tridlm.bench.suite import default_command
 
     s = settings_from_args(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     run_bench(resolve_model(args.model), s, out_dir=args.out, device=args.device, command=default_command())
     return 0

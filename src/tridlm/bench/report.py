@@ -87,9 +87,10 @@ def _sol_section(rep) -> list[str]:
         return []
     s = rep["settings"]
     L = ["### Speed of light (spec §4.5)", "",
-         f"Per block length, over {s['sol_prompts']} prompt(s) × {s['sol_blocks_per_prompt']} all-mask block(s) of "
-         f"the model's own continuation (fp32): the oracle target is serial denoising, one position per pass "
-         f"(TPF 1); greedy parallel acceptance commits every position whose argmax equals the target; dynamic "
+         f"Per block length, over {s['sol_prompts']} prompt(s) × {s['sol_blocks_per_prompt']} block(s) of the "
+         f"model's own continuation (fp32). Blocks start as the samplers' do, `[AR next token, MASK × (L−1)]`. "
+         f"The oracle target is serial denoising, one masked position per pass (TPF L/(L−1)); greedy parallel "
+         f"acceptance commits every position whose argmax equals the target; dynamic "
          f"compaction (the SOL) binary-searches the largest confidence-ranked set whose commit still lets serial "
          f"decoding reach the target (safety checks capped at {s['sol_budget']} forwards per block). TPF = block "
          f"tokens / denoise passes (the paper's acceptance ratio); real TPF also counts each block's causal commit "

@@ -21,7 +21,7 @@ def test_quick_preset_and_overrides():
 
 def test_full_run_defaults_cover_the_issue_sweeps():
     s = settings_from_args(parse())
-    assert parse().model == "smollm2"
+    assert parse().model == "default"
     assert not s.quick and s.hf_baseline
     assert s.block_lengths == (4, 8, 16, 32) and s.thresholds == (0.5, 0.7, 0.9, 0.95)
     assert s.batch_sizes == (1, 4, 16) and s.dtypes == ("fp32", "bf16")

@@ -56,12 +56,26 @@ def _mem_gib() -> float | None:
         return None
 
 
-def _load(model_or_path, device):
-    if isinstance(model_or_path, (str, Path)):
-        from ..checkpoint import load
+def load_model(name, device, log: Callable[[str], None] = print):
+    """(model, name for `tridlm generate`) from a model object, a checkpoint folder, "smollm2" (the
+    converted base) or "default" (the default tri-mode model; the SmolLM2 base when it is not there)."""
+    if not isinstance(name, (str, Path)):
+        return name.eval(), getattr(name, "path", None)
+    from ..checkpoint import load
 
-        return load(model_or_path, device=device).eval(), str(model_or_path)
-    return model_or_path.eval(), getattr(model_or_path, "path", None)
+    if str(name) == "default":
+        try:
+            from ..default_model import default_model
+
+            return default_model().to(device).eval(), "default"
+        except (ImportError, FileNotFoundError) as e:
+            log(f"the default model is not available ({e}); benchmarking the SmolLM2 base conversion instead")
+            name = "smollm2"
+    if str(name) in ("smollm2", "smollm2-base"):
+        from ..convert.smollm2 import smollm2_base
+
+        name = smollm2_base()
+    return load(name, device=device).eval(), str(name)
 
 
 def _acceptance_from(results: list[ConfigResult], dtype: str) -> AcceptanceProfile | None:
@@ -84,7 +98,7 @@ def run_bench(model_or_path, settings: BenchSettings | None = None, out_dir="ben
     s = settings or BenchSettings()
     t_start = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, path = _load(model_or_path, device)
+    model, path = load_model(model_or_path, device, log)
     if model.tokenizer is None:
         raise ValueError("the benchmark needs a model with a tokenizer (its prompt sets are text)")
     if model.dtype != torch.float32:

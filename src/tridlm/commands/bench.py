@@ -9,7 +9,8 @@ Runs AR, block diffusion, linear and quadratic self-speculation and the transfor
 (AR, greedy, same weights) in one process, with sweeps over block length, threshold, batch size and
 dtype; then the speed-of-light analysis, the hardware cost profile and block_length="auto", and the
 memory-bandwidth roofline of AR decoding. Writes bench.md, bench.json and PNG plots to --out.
-MODEL is a checkpoint folder, or 'smollm2' for the converted SmolLM2-135M base (the default)."""
+MODEL is a checkpoint folder, 'default' (the default tri-mode model; the converted SmolLM2 base when it is
+not installed) or 'smollm2' (the converted SmolLM2-135M base)."""
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -34,8 +35,8 @@ OVERRIDES = {  # option -> (settings field, parser)
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmark every decoding mode side by side", description=HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",
-                   help="checkpoint folder, or 'smollm2' (default)")
+    p.add_argument("model", nargs="?", default="default", metavar="MODEL",
+                   help="checkpoint folder, 'default' (the default) or 'smollm2'")
     p.add_argument("--quick", action="store_true", help="a run of a few minutes (few prompts, short outputs)")
     p.add_argument("--prompts", default="mixed",
                    help="gsm8k, humaneval, stories, mixed (default), a comma list of those, or a .jsonl file")
@@ -49,14 +50,6 @@ def add_parser(subparsers) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
                        help="comma-separated list" if typ in (_ints, _floats, _words) else None)
     p.set_defaults(func=run)
-
-
-def resolve_model(name: str):
-    if name in ("smollm2", "smollm2-base"):
-        from tridlm.convert.smollm2 import smollm2_base
-
-        return smollm2_base()
-    return name
 
 
 def settings_from_args(args):
@@ -77,5 +70,5 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    run_bench(resolve_model(args.model), s, out_dir=args.out, device=args.device, command=default_command())
+    run_bench(args.model, s, out_dir=args.out, device=args.device, command=default_command())
     return 0

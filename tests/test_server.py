@@ -86,6 +86,23 @@ def test_completion_in_every_mode_equals_generate(live, client, mode):
     assert (u.mean_acceptance is None) == (mode in ("ar", "diffusion"))
 
 
+@pytest.mark.parametrize("knobs", [
+    {"mode": "diffusion", "block_length": 8, "steps": 2, "selection_policy": "margin"},
+    {"mode": "diffusion", "block_length": 6, "threshold": 0.3, "selection_policy": "entropy"},
+    {"mode": "spec", "block_length": 6, "threshold": 0.5, "top_k": 5},
+])
+def test_every_knob_reaches_the_decoder(live, client, knobs):
+    """Per-request knobs are honoured, not dropped (forwards and text match generate() with them)."""
+    model = live[1]
+    r = client.completions.create(model=NAME, prompt="KING:\n", max_tokens=16, temperature=0, extra_body=knobs)
+    kw = {k: v for k, v in knobs.items() if k != "mode"}
+    want = reference(model, "KING:\n", knobs["mode"], 16, **kw)
+    assert r.choices[0].text == want.text
+    assert r.usage.forwards == want.metrics.rows[0].forwards and r.usage.block_length == knobs["block_length"]
+    plain = reference(model, "KING:\n", knobs["mode"], 16, block_length=knobs["block_length"])
+    assert r.usage.forwards != plain.metrics.rows[0].forwards  # the knobs did change the decoding
+
+
 def test_auto_mode_says_what_it_chose_and_keeps_the_greedy_text(live, client):
     r = client.completions.create(model=NAME, prompt="KING:\n", max_tokens=12, temperature=0,
                                   extra_body={"mode": "auto"})

@@ -93,7 +93,7 @@ def test_cancel_frees_the_rows_and_the_rest_go_on(model):
     want = model.generate(ps[1], "spec", max_new_tokens=20, ignore_eos=True, block_length=4).ids
     engine = Engine(model, start=False)
     params = GenerationParams(mode="spec", max_new_tokens=20, ignore_eos=True, block_length=4)
-    long = engine.submit([ps[0]], params.replace(max_new_tokens=400))
+    long = engine.submit([ps[0]], params.replace(max_new_tokens=100))
     keep = engine.submit([ps[1]], params)
     waiting = engine.submit([ps[2]], params)
     waiting.cancel()  # cancelled before it ever ran

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
 
 from ..decoding import GenerationError
 from ..decoding.params import MODES
@@ -164,8 +165,12 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
         lengths = [len(p) for p in prompts]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            async def cancel():  # also when the client left before the stream began
+                req.cancel()
+
             return StreamingResponse(_stream(req, fmt, lengths, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(cancel))
         watch = asyncio.create_task(_cancel_on_disconnect(request, req))
         try:
             texts, reasons, metrics = [""] * len(req.rows), [""] * len(req.rows), [None] * len(req.rows)

@@ -255,6 +255,7 @@ def plots(rep: dict, out_dir) -> list[Path]:
                        label=r["label"])
     ax.set(xscale="log", xlabel="block length", ylabel="tokens/s (median, min–max)", title="tokens/s vs block length")
     ax.set_xticks(rep["settings"]["block_lengths"], [str(b) for b in rep["settings"]["block_lengths"]])
+    ax.minorticks_off()
     ax.legend(fontsize=7)
     written.append(_save(fig, out_dir / PLOTS[2]))
 

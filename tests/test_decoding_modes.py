@@ -467,3 +467,28 @@ def test_quadratic_layout_equals_one_forward_per_group(small_vocab):
             pat[:j + 1] = torch.ones(j + 1, j + 1 + L, dtype=torch.bool).tril()  # b's: causal, no masks
             alone = m(toks[None], positions=pos[None], cache=cache, pattern=pat)[0]
             torch.testing.assert_close(logits[(group == j) & (off > 0)], alone[j + 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_lora_drafter_changes_drafts_not_the_output(small_vocab):
+    """A LoRA drafter acts on draft tokens only: self-speculation stays AR's output (its verify chain
+    is the base model), its acceptance changes; diffusion mode is the base model."""
+    import copy
+
+    from tridlm import lora
+
+    base = small_vocab
+    m = copy.deepcopy(base)
+    lora.attach(m, rank=4, alpha=8)
+    with torch.no_grad():
+        for p in lora.lora_parameters(m).values():
+            p.normal_(0, 0.5)
+    ps = prompts(4, 12, seed=6)
+    kw = dict(max_new_tokens=30, ignore_eos=True)
+    ref = [base.generate(p, "ar", **kw).ids for p in ps]
+    for mode in SPEC_MODES:
+        with_lora = m.generate(ps, mode, block_length=5, **kw)
+        assert [r.ids for r in with_lora.rows] == ref
+        without = base.generate(ps, mode, block_length=5, **kw)
+        assert with_lora.metrics.acceptance_lengths != without.metrics.acceptance_lengths
+    diffusion = [model.generate(ps, "diffusion", block_length=5, **kw).rows for model in (m, base)]
+    assert [r.ids for r in diffusion[0]] == [r.ids for r in diffusion[1]]

@@ -68,6 +68,7 @@ class BenchSettings:
     cost_batch_sizes: tuple[int, ...] = (1, 4, 16)
     cost_repeats: int = 5
     profile: bool = True
+    rss: bool = True  # peak RSS of a `tridlm generate` subprocess (needs a model folder)
     quick: bool = False
 
     @classmethod

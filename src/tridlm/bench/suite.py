@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -170,7 +169,7 @@ def run_bench(model_or_path, settings: BenchSettings | None = None, out_dir="ben
     # 6. where the time goes in AR decoding, and the peak RSS of `tridlm generate`
     if s.profile:
         out["hotspots"] = _hotspots(model, prompts, s, log)
-    if path is not None:
+    if s.rss and path is not None:
         try:
             from .hotspots import generate_peak_rss
 
@@ -243,6 +242,3 @@ def targets(out: dict) -> list[dict]:
                   "met": rss["peak_rss_bytes"] <= TARGET_RSS_BYTES and rss.get("exit_code") == 0})
     return t
 
-
-def default_command(argv=None) -> str:
-    return " ".join(["tridlm", *(sys.argv[1:] if argv is None else argv)])

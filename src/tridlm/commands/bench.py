@@ -45,11 +45,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--no-profile", action="store_true", help="skip the operator profile of AR decoding")
+    p.add_argument("--no-rss", action="store_true", help="skip measuring the peak RSS of tridlm generate")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     for name, typ in OVERRIDES.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
                        help="comma-separated list" if typ in (_ints, _floats, _words) else None)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, parser=p)
 
 
 def settings_from_args(args):
@@ -57,18 +58,36 @@ def settings_from_args(args):
 
     kw = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     kw.update(prompts=args.prompts, ignore_eos=args.ignore_eos, hf_baseline=not args.no_hf,
-              profile=not args.no_profile)
+              profile=not args.no_profile, rss=not args.no_rss)
     return BenchSettings.quick_settings(**kw) if args.quick else BenchSettings(**kw)
+
+
+def command_line(args) -> str:
+    """The command as a user would retype it: the model and every option that differs from its default."""
+    parts = ["tridlm", "bench", str(args.model)]
+    for action in args.parser._actions:
+        if not action.option_strings or action.dest in ("help",):
+            continue
+        value = getattr(args, action.dest, None)
+        if value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(value, bool):
+            parts.append(flag)
+        else:
+            text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
+                if isinstance(value, tuple) else str(value)
+            parts += [flag, text]
+    return " ".join(parts)
 
 
 def run(args) -> int:
     from tridlm.bench import run_bench
-    from tridlm.bench.suite import default_command
 
     s = settings_from_args(args)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    run_bench(args.model, s, out_dir=args.out, device=args.device, command=default_command())
+    run_bench(args.model, s, out_dir=args.out, device=args.device, command=command_line(args))
     return 0

@@ -93,7 +93,8 @@ def test_run_bench_writes_every_output(tiny, tmp_path, monkeypatch):
                for L, v in data["sol"].items())
     assert res["diffusion L=4 τ=0.9 b=1 fp32"]["sol_fraction"] > 0
     assert data["roofline"]["ar b=1 fp32"]["fraction"] > 0
-    assert data["hotspots"]["fp32"]["top_ops"]
+    assert data["hotspots"]["fp32"]["top_ops"] and data["hotspots"]["fp32"]["by_pattern"]["causal"]["calls"] > 0
+    assert data["hotspots"]["spec"]["by_pattern"]["block"]["calls"] > 0
     assert any(t["target"].startswith("AR batch 1 fp32") for t in data["targets"])
     md = (out / "bench.md").read_text()
     for heading in ("All modes side by side", "Speed of light", "block_length=\"auto\"", "Roofline", "Cost profile",

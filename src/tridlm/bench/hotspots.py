@@ -1,4 +1,4 @@
-"""Where decoding time goes: the share spent inside the model's forward, the top operators, peak RSS."""
+"""Where decoding time goes: time inside the model's forward per attention pattern, the top operators, peak RSS."""
 
 from __future__ import annotations
 
@@ -14,20 +14,25 @@ _RSS_WRAPPER = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[
                 "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
 
-def forward_share(model, run: Callable[[], object]) -> dict:
-    """Wall time of `run()` and the part of it spent inside `model.forward` (the rest: the decode loop)."""
-    spent = [0.0]
-    start = [0.0]
+def forward_breakdown(model, run: Callable[[], object]) -> dict:
+    """Wall time of `run()`, and the calls and seconds inside `model.forward` per attention pattern
+    ("causal": prefill, AR steps, verify and commit passes; "block": diffusion drafts and denoising)."""
+    by: dict[str, list[float]] = {}
+    start = [0.0, "causal"]
 
-    def pre(_module, _args):
-        start[0] = time.perf_counter()
+    def pre(_module, args, kwargs):
+        p = kwargs.get("pattern", args[3] if len(args) > 3 else "causal")
+        start[:] = [time.perf_counter(), p if isinstance(p, str) else "explicit mask"]
 
-    def post(_module, _args, _out):
+    def post(_module, _args, _kwargs, _out):
         if model.device.type == "cuda":
             torch.cuda.synchronize()
-        spent[0] += time.perf_counter() - start[0]
+        calls_seconds = by.setdefault(start[1], [0, 0.0])
+        calls_seconds[0] += 1
+        calls_seconds[1] += time.perf_counter() - start[0]
 
-    h1, h2 = model.register_forward_pre_hook(pre), model.register_forward_hook(post)
+    h1 = model.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = model.register_forward_hook(post, with_kwargs=True)
     try:
         t0 = time.perf_counter()
         run()
@@ -37,7 +42,9 @@ def forward_share(model, run: Callable[[], object]) -> dict:
     finally:
         h1.remove()
         h2.remove()
-    return {"wall_s": total, "forward_s": spent[0], "forward_share": spent[0] / total if total else None}
+    inside = sum(v[1] for v in by.values())
+    return {"wall_s": total, "forward_s": inside, "forward_share": inside / total if total else None,
+            "by_pattern": {k: {"calls": int(v[0]), "seconds": v[1]} for k, v in by.items()}}
 
 
 def top_ops(run: Callable[[], object], k: int = 12, cuda: bool = False) -> list[dict]:

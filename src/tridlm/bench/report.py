@@ -167,10 +167,16 @@ def _roofline_section(rep) -> list[str]:
 def _hotspot_section(rep) -> list[str]:
     h = rep.get("hotspots") or {}
     L = []
-    for dtype, v in h.items():
-        L += [f"### Where AR time goes ({dtype}, {v['new_tokens']} tokens)", "",
+    for key, v in h.items():
+        split = ", ".join(f"{k}: {p['calls']} calls, {p['seconds']:.2f} s" for k, p in v["by_pattern"].items())
+        if v["mode"] == "spec":
+            L += [f"### Where self-speculation time goes (L={v['block_length']}, {v['new_tokens']} tokens, fp32)", "",
+                  f"{v['wall_s']:.2f} s in all; inside `model.forward`: {split} (block = drafts, causal = prefill "
+                  f"and verify passes); {1 - v['forward_share']:.0%} outside the forward.", ""]
+            continue
+        L += [f"### Where AR time goes ({key}, {v['new_tokens']} tokens)", "",
               f"{v['forward_share']:.0%} of the wall time is inside `model.forward` "
-              f"({v['forward_s']:.2f} of {v['wall_s']:.2f} s); the rest is the decode loop around it. "
+              f"({v['forward_s']:.2f} of {v['wall_s']:.2f} s; {split}); the rest is the decode loop around it. "
               "Top operators by self time (torch.profiler):", "",
               "| operator | self ms | share | calls |", "|---|---|---|---|"]
         L += [f"| `{o['op']}` | {o['self_ms']:.1f} | {o['share']:.0%} | {o['calls']} |" for o in v["top_ops"]]

@@ -168,7 +168,7 @@ def run_bench(model_or_path, settings: BenchSettings | None = None, out_dir="ben
 
     # 6. where the time goes in AR decoding, and the peak RSS of `tridlm generate`
     if s.profile:
-        out["hotspots"] = _hotspots(model, prompts, s, log)
+        out["hotspots"] = _hotspots(model, prompts, s, results, log)
     if s.rss and path is not None:
         try:
             from .hotspots import generate_peak_rss
@@ -192,8 +192,10 @@ def _loadavg():
         return None
 
 
-def _hotspots(model, prompts, s: BenchSettings, log) -> dict:
-    from .hotspots import forward_share, top_ops
+def _hotspots(model, prompts, s: BenchSettings, results: list[ConfigResult], log) -> dict:
+    """AR per dtype: forward share and top operators. Self-speculation at its "auto" block: draft vs
+    verify time, which with the acceptance length says where its tokens/s comes from."""
+    from .hotspots import forward_breakdown, top_ops
 
     ids = prompts[0].encode(model.tokenizer)
     n = min(32, s.max_new_tokens)
@@ -205,10 +207,17 @@ def _hotspots(model, prompts, s: BenchSettings, log) -> dict:
             return m.generate(ids, mode="ar", max_new_tokens=n, ignore_eos=True)
 
         run()  # warm
-        share = forward_share(m, run)
+        share = forward_breakdown(m, run)
         ops = top_ops(run, cuda=m.device.type == "cuda")
-        out[dtype] = {"new_tokens": n, **share, "top_ops": ops}
+        out[dtype] = {"mode": "ar", "new_tokens": n, **share, "top_ops": ops}
         log(f"AR {dtype}: {share['forward_share']:.0%} of decode wall time inside model.forward")
+    auto = next((r for r in results if r.config.mode == "spec" and r.config.block_length == "auto"
+                 and r.config.batch_size == 1 and r.config.dtype == s.dtypes[0]), None)
+    if auto is not None:
+        L = auto.resolved_block_length
+        spec = forward_breakdown(model, lambda: model.generate(ids, mode="spec", block_length=L, max_new_tokens=n,
+                                                               ignore_eos=True))
+        out["spec"] = {"mode": "spec", "block_length": L, "new_tokens": n, **spec}
     return out
 
 

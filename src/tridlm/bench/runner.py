@@ -74,7 +74,7 @@ class BenchSettings:
     @classmethod
     def quick_settings(cls, **kw) -> BenchSettings:
         """A run of a few minutes: few prompts, short outputs, the sweeps' end points."""
-        base = dict(n_prompts=4, max_new_tokens=10, repeats=2, block_length=8, block_lengths=(4, 16),
+        base = dict(n_prompts=4, max_new_tokens=10, repeats=2, block_length=8, block_lengths=(4, 8),
                     thresholds=(0.5, 0.9), threshold_block_lengths=(8,), batch_sizes=(1, 4),
                     dtype_sweep_modes=("ar", "hf"), sol_prompts=1, sol_budget=64, cost_tokens=(1, 4, 8, 16, 32),
                     cost_batch_sizes=(1,), cost_repeats=3, quick=True)

@@ -471,7 +471,8 @@ def test_quadratic_layout_equals_one_forward_per_group(small_vocab):
 
 def test_lora_drafter_changes_drafts_not_the_output(small_vocab):
     """A LoRA drafter acts on draft tokens only: self-speculation stays AR's output (its verify chain
-    is the base model), its acceptance changes; diffusion mode is the base model."""
+    is the base model), its acceptance changes; diffusion's denoise passes use it too, but its causal
+    passes do not, so at block length 1 (no denoise pass) diffusion is still AR."""
     import copy
 
     from tridlm import lora
@@ -491,4 +492,24 @@ def test_lora_drafter_changes_drafts_not_the_output(small_vocab):
         without = base.generate(ps, mode, block_length=5, **kw)
         assert with_lora.metrics.acceptance_lengths != without.metrics.acceptance_lengths
     diffusion = [model.generate(ps, "diffusion", block_length=5, **kw).rows for model in (m, base)]
-    assert [r.ids for r in diffusion[0]] == [r.ids for r in diffusion[1]]
+    assert [r.ids for r in diffusion[0]] != [r.ids for r in diffusion[1]]
+    assert [r.ids for r in m.generate(ps, "diffusion", block_length=1, **kw).rows] == ref
+
+
+def test_auto_block_length_is_resolved_after_validation(small_vocab, monkeypatch):
+    """block_length="auto" asks the cost/acceptance profiles only once every parameter is valid, and the
+    generation then runs with the length they chose (steps defaulting to it)."""
+    import importlib
+
+    from tridlm.decoding import GenerationError
+
+    gen_module = importlib.import_module("tridlm.generate")  # the module (the package attribute is the function)
+    calls = []
+    monkeypatch.setattr(gen_module, "auto_block_length", lambda model: calls.append(1) or 5)
+    with pytest.raises(GenerationError, match="threshold"):
+        small_vocab.generate([5, 6, 7], "spec", block_length="auto", threshold=2.0)
+    assert calls == []
+    auto = small_vocab.generate([5, 6, 7], "diffusion", block_length="auto", max_new_tokens=10, ignore_eos=True)
+    fixed = small_vocab.generate([5, 6, 7], "diffusion", block_length=5, max_new_tokens=10, ignore_eos=True)
+    assert calls == [1] and auto.ids == fixed.ids
+    assert auto.metrics.forwards == fixed.metrics.forwards

@@ -140,13 +140,21 @@ class GenerationStream:
             rows=[RowResult(r.text, list(r.output), r.prompt, r.finish_reason, r.metrics) for r in self.rows])
 
 
+def auto_block_length(model: TriModeLM) -> int:
+    """block_length="auto": the length that maximises expected tokens/s on this device (tridlm.bench)."""
+    from .bench.cost_profile import resolve_auto_block_length
+
+    return resolve_auto_block_length(model)
+
+
 def generate(model: TriModeLM, prompt, mode: str = "ar", *, tokenizer=None, stream: bool = False,
              add_special_tokens: bool = True, **params):
     """Generate from `prompt` (text, token ids, or a list of either for a batch) in `mode`.
 
     mode: "ar" | "diffusion" | "spec" | "spec-quadratic".
     params (see `GenerationParams`): max_new_tokens=128, temperature=0 (greedy), top_k=0, top_p=1,
-        seed=None, stop=(), eos_token_id (default the model's), ignore_eos=False, block_length=32,
+        seed=None, stop=(), eos_token_id (default the model's), ignore_eos=False, block_length=32 (or
+        "auto": measured cost and acceptance profiles pick it, see tridlm.bench.cost_profile),
         threshold (diffusion 0.9, spec 0 = one-pass draft), steps (default block_length),
         selection_policy="confidence_threshold" | "low_confidence" | "margin" | "entropy" | "leftmost".
     Returns a `GenerationResult` (`.text`, `.ids`, `.metrics`, `.rows`), or with stream=True a
@@ -154,12 +162,18 @@ def generate(model: TriModeLM, prompt, mode: str = "ar", *, tokenizer=None, stre
     Raises `GenerationError` (a ValueError) for invalid parameters or prompts, before any forward.
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    auto_block = params.get("block_length") == "auto"
+    if auto_block:  # validate everything with a stand-in first: no forward runs on bad input
+        params["block_length"] = 1
     try:
         gp = GenerationParams(mode=mode, **params)
     except TypeError as e:
         raise GenerationError(f"unknown generation parameter: {e}") from None
     prompts, batched = _prompt_ids(prompt, tokenizer, add_special_tokens)
     gp = gp.resolve(model.config, [len(p) for p in prompts])
+    if auto_block:
+        gp = gp.replace(block_length=auto_block_length(model), steps=params.get("steps"))
+        gp = gp.resolve(model.config, [len(p) for p in prompts])
     rows = [Row(p, gp, model.config, tokenizer, seed=None if gp.seed is None else gp.seed + i,
                 device=model.device) for i, p in enumerate(prompts)]
     s = GenerationStream(model, rows, gp.mode, batched)

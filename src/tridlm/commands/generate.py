@@ -16,6 +16,15 @@ summary of the metrics to stderr; --json prints the text, ids and every metric a
 (with --stream: one JSON line per chunk, then the result)."""
 
 
+def _block_length(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
+
+
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a tridlm checkpoint folder")
     p.add_argument("--mode", default="ar", help=f"decoding mode: {', '.join(MODES)} (default ar)")
@@ -27,7 +36,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when the text contains TEXT (repeatable); the output ends before it")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
-    p.add_argument("--block-length", type=int, default=32, help="diffusion/spec block length (default 32)")
+    p.add_argument("--block-length", type=_block_length, default=32,
+                   help="diffusion/spec block length, or 'auto' (picked from measured profiles; default 32)")
     p.add_argument("--threshold", type=float, default=None,
                    help="diffusion: commit threshold (default 0.9); spec: 0 = one-pass draft (default), "
                         ">0 = threshold passes")

@@ -44,8 +44,9 @@ class Diffusion(Mode):
             return Plan(ids, span(row.cached, ids.numel(), row.device), "causal", True,
                         torch.tensor([ids.numel() - 1], device=row.device))
         masked = torch.nonzero(st.block == row.mask_id)[:, 0]
-        # diffusion mode is the base model: a LoRA drafter serves self-speculation only
-        return Plan(st.block, span(row.cached, st.block.numel(), row.device), "block", False, masked)
+        # denoise passes are draft tokens: a LoRA drafter (tridlm.lora) acts on them, while the
+        # causal commit passes -- and with them the cache and every seed -- stay the base model
+        return Plan(st.block, span(row.cached, st.block.numel(), row.device), "block", False, masked, draft=True)
 
     def consume_decode(self, row: Row, plan: Plan, logits: torch.Tensor):
         st: BlockState = row.state

@@ -37,7 +37,7 @@ def live(tiny_trained, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRIDLM_CACHE", str(tmp_path_factory.mktemp("tridlm_cache")))  # block_length "auto" profiles
         server = start(model, max_body_bytes=64 * 1024, limits=Limits(max_tokens_cap=256, max_n=4),
-                       engine=EngineConfig(max_running=16, max_queue=256))
+                       engine=EngineConfig(max_running=16, max_queue=256, auto_min_acceptance=0))
         yield server, model
         server.stop()
 

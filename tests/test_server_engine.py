@@ -150,3 +150,19 @@ def test_a_long_prompt_joining_beside_a_row_near_its_end(model):
         while not batch.done:
             batch.step()
     assert [r1.output, r2.output] == want
+
+
+def test_auto_mode_stops_speculating_when_drafts_are_rejected(model):
+    """A random model's drafts are almost never accepted: after the probe, auto picks AR even when idle."""
+    engine = Engine(model, config=EngineConfig(auto_probe=4, auto_min_acceptance=2.0))
+    p = prompts(1, seed=6)[0]
+    try:
+        assert engine.choose_mode(0) == "spec"
+        collect(engine.submit([p], GenerationParams(mode="spec", block_length=4, max_new_tokens=12, ignore_eos=True)))
+        h = engine.stats().acceptance["spec"]
+        assert h.count >= 4 and h.total / h.count < 2.0
+        req = engine.submit([p], GenerationParams(mode="auto", max_new_tokens=4))
+        assert req.mode == "ar"
+        collect(req)
+    finally:
+        engine.close()

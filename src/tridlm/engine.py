@@ -12,8 +12,9 @@ on what else runs. Output goes to each request's own event queue as soon as the 
         ...                            # Delta(index, text, ids) | Finished(index, reason, metrics) | Failed
     engine.close()
 
-`mode="auto"` is decided at submission from the load (rows running or waiting); `block_length="auto"`
-is resolved once, in the worker thread (it times forwards), by `tridlm.bench.cost_profile`.
+`mode="auto"` is decided at submission from the load (rows running or waiting) and from the acceptance
+self-speculation has had on this server; `block_length="auto"` is resolved once, in the worker thread
+(it times forwards), by `tridlm.bench.cost_profile`.
 """
 
 from __future__ import annotations
@@ -46,10 +47,14 @@ class EngineConfig:
     auto_spec_below: int = 4  # mode "auto": `auto_light` while fewer rows are active than this
     auto_light: str = "spec"  # few rows: one row's forwards are cheap, speculation buys latency
     auto_heavy: str = "ar"  # many rows: the batch is compute-bound, extra draft tokens cost throughput
+    # ... unless the model's drafts are rarely accepted: once `auto_probe` verifications were seen, a mean
+    # acceptance below this (2 = a draft+verify cycle makes no more tokens than two AR steps) means AR always
+    auto_min_acceptance: float = 2.0
+    auto_probe: int = 32
 
     def __post_init__(self):
-        if self.max_running < 1 or self.max_queue < 0 or self.auto_spec_below < 0:
-            raise ValueError("max_running must be >= 1, max_queue and auto_spec_below >= 0")
+        if self.max_running < 1 or self.max_queue < 0 or self.auto_spec_below < 0 or self.auto_probe < 1:
+            raise ValueError("max_running and auto_probe must be >= 1, max_queue and auto_spec_below >= 0")
         for m in (self.auto_light, self.auto_heavy):
             if m not in MODES:
                 raise ValueError(f"auto mode choice {m!r} is not one of {', '.join(MODES)}")
@@ -262,8 +267,15 @@ class Engine:
 
     # -- submission --------------------------------------------------------------------------------------
     def choose_mode(self, load: int) -> str:
+        """mode="auto": speculate while the load is light and speculation has been paying off."""
         c = self.config
-        return c.auto_light if load < c.auto_spec_below else c.auto_heavy
+        if load >= c.auto_spec_below:
+            return c.auto_heavy
+        with self._cond:
+            seen = self._stats.acceptance.get(c.auto_light)
+            if seen is not None and seen.count >= c.auto_probe and seen.total / seen.count < c.auto_min_acceptance:
+                return c.auto_heavy
+        return c.auto_light
 
     def submit(self, prompts: list[list[int]], params: GenerationParams, n: int = 1,
                loop: asyncio.AbstractEventLoop | None = None) -> Request:

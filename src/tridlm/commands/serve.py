@@ -11,8 +11,9 @@ HELP = """\
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, GET /metrics.
 Each request may choose its decoding with extra body fields: mode (ar, diffusion, spec, spec-quadratic,
 auto), block_length (an integer or "auto"), threshold, steps, selection_policy, top_k, ignore_eos.
-mode "auto" picks self-speculation while fewer than --auto-spec-below rows are active, else AR (both
-give the same text at temperature 0); the response's `mode` says which ran.
+mode "auto" picks self-speculation while fewer than --auto-spec-below rows are active and its drafts
+are being accepted (--auto-min-acceptance), else AR (both give the same text at temperature 0); the
+response's `mode` says which ran.
 
   tridlm serve --model out/tiny --port 8000
   curl 127.0.0.1:8000/v1/completions -d '{"prompt": "To be", "max_tokens": 32, "mode": "spec"}'"""
@@ -34,6 +35,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="rows waiting for a slot before 429 (default 64)")
     p.add_argument("--auto-spec-below", type=int, default=4,
                    help='mode "auto": self-speculation while fewer rows than this are active (default 4)')
+    p.add_argument("--auto-min-acceptance", type=float, default=2.0,
+                   help='mode "auto": use AR even at low load once self-speculation has averaged fewer accepted '
+                        "tokens per verification than this (default 2; 0 = never)")
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens accepted (default 2048)")
     p.add_argument("--max-n", type=int, default=8, help="largest n accepted (default 8)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
@@ -69,7 +73,7 @@ def build_app(args):
         limits=Limits(default_mode=args.default_mode, default_temperature=args.default_temperature,
                       max_tokens_cap=args.max_tokens_cap, max_n=args.max_n),
         engine=EngineConfig(max_running=args.max_running, max_queue=args.max_queue,
-                            auto_spec_below=args.auto_spec_below))
+                            auto_spec_below=args.auto_spec_below, auto_min_acceptance=args.auto_min_acceptance))
     return create_app(model, config=config), name
 
 

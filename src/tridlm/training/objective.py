@@ -76,9 +76,10 @@ class LossSums:
     """Summed losses and their token counts for one micro-batch."""
 
     ar_sum: torch.Tensor
-    diff_sum: torch.Tensor
+    diff_sum: torch.Tensor  # sum over masked tokens of CE / p (the objective's diffusion term)
     n_ar: int
     n_masked: int
+    diff_ce_sum: float = 0.0  # the same CE unweighted, for reporting only
 
     def total(self, alpha: float) -> torch.Tensor:
         """The numerator of the objective: sum of AR CE + alpha * sum of (masked CE / p)."""
@@ -106,7 +107,7 @@ def joint_loss_sums(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, cor
     ar_scored = loss_mask[:, 1:].bool()
     if corruption is None:
         ar_logits = model(input_ids, torch.arange(L, device=dev).expand(B, L), pattern="causal", write_cache=False)
-        diff_sum, n_masked = torch.zeros((), device=dev), 0
+        diff_sum, n_masked, diff_ce_sum = torch.zeros((), device=dev), 0, 0.0
     else:
         masked = corruption.masked
         positions = torch.arange(L, device=dev).repeat(2).expand(B, 2 * L)
@@ -115,6 +116,6 @@ def joint_loss_sums(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, cor
         diff_logits, ar_logits = logits[:, :L], logits[:, L:]
         ce = F.cross_entropy(diff_logits[masked].float(), input_ids[masked], reduction="none")
         weight = (1.0 / corruption.p)[:, None].expand(B, L)[masked]
-        diff_sum, n_masked = (ce * weight).sum(), int(masked.sum())
+        diff_sum, n_masked, diff_ce_sum = (ce * weight).sum(), int(masked.sum()), float(ce.detach().sum())
     ar_ce = F.cross_entropy(ar_logits[:, :-1][ar_scored].float(), input_ids[:, 1:][ar_scored], reduction="sum")
-    return LossSums(ar_ce, diff_sum, int(ar_scored.sum()), n_masked)
+    return LossSums(ar_ce, diff_sum, int(ar_scored.sum()), n_masked, diff_ce_sum)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, load
+from ..checkpoint import CheckpointError, atomic_folder_write, load
 from ..config import ModelConfig, RopeParameters
 from ..model import TriModeLM
 from ..tokenizer import Tokenizer
@@ -115,8 +115,7 @@ class Trainer:
             else:
                 tok = train_bpe(_bpe_texts(train_docs, r.tokenizer.max_train_chars), r.tokenizer.vocab_size,
                                 r.tokenizer.min_frequency)
-                tok_dir.mkdir(parents=True, exist_ok=True)
-                tok.save(tok_dir)
+                atomic_folder_write(tok_dir, tok.save)  # a kill never leaves half a tokenizer
             check_tokenizer(tok, given or tok_dir)
             build_split(data_dir, "train", train_docs, tok, r.data.seq_len)
             build_split(data_dir, "val", val_docs, tok, r.data.seq_len)
@@ -261,28 +260,23 @@ class Trainer:
         local_count = sum(contributing_tokens(lm, c) for _, lm, c in micro)
         (global_count,) = d.sum([local_count])
         scale = d.world / max(global_count, 1.0)
-        ar_sum = diff_sum = 0.0
-        n_ar = n_masked = 0
+        totals = _Totals()
         for m, (ids, lm, c) in enumerate(micro):
-            with self._no_sync(m == len(micro) - 1), self._autocast():
-                sums: LossSums = joint_loss_sums(self.model, ids, lm, c, self.block_size)
-            (sums.total(alpha) * scale).backward()
-            ar_sum += float(sums.ar_sum.detach())
-            diff_sum += float(sums.diff_sum.detach())
-            n_ar += sums.n_ar
-            n_masked += sums.n_masked
+            with self._no_sync(m == len(micro) - 1):  # gradients are reduced once, after the last micro-batch
+                with self._autocast():
+                    sums: LossSums = joint_loss_sums(self.model, ids, lm, c, self.block_size)
+                (sums.total(alpha) * scale).backward()
+            totals.add(sums)
         grad_norm = None
         if r.train.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.train.grad_clip))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.samples_seen += r.train.global_batch
-        ar_sum, diff_sum, n_ar, n_masked = d.sum([ar_sum, diff_sum, n_ar, n_masked])
-        rec = {"kind": "train", "step": step + 1,
-               "loss": (ar_sum + (alpha * diff_sum if alpha else 0.0)) / max(global_count, 1.0),
-               "ar_loss": ar_sum / max(n_ar, 1.0), "diff_loss": diff_sum / n_masked if n_masked else None,
-               "lr": lr, "grad_norm": grad_norm, "tokens": self.samples_seen * r.data.seq_len}
-        return rec
+        t = totals.reduced(d)
+        return {"kind": "train", "step": step + 1,
+                "loss": (t.ar_sum + (alpha * t.diff_sum if alpha else 0.0)) / max(global_count, 1.0),
+                **t.losses(), "lr": lr, "grad_norm": grad_norm, "tokens": self.samples_seen * r.data.seq_len}
 
     # -- validation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -293,8 +287,7 @@ class Trainer:
             return None
         rows = list(range(d.rank, n, d.world))
         self.model.eval()
-        ar_sum = diff_sum = 0.0
-        n_ar = n_masked = 0
+        totals = _Totals()
         mb = r.train.micro_batch
         for start in range(0, len(rows), mb):
             idx = rows[start:start + mb]
@@ -303,16 +296,11 @@ class Trainer:
             noise = draw_noise(r.seed, EVAL_NOISE_STEP, idx, ids.shape[1])
             c = corrupt(ids, lm, noise, self.config.mask_token_id, r.objective.eps)
             with self._autocast():
-                s = joint_loss_sums(self.model, ids, lm, c, self.block_size)
-            ar_sum += float(s.ar_sum)
-            diff_sum += float(s.diff_sum)
-            n_ar += s.n_ar
-            n_masked += s.n_masked
+                totals.add(joint_loss_sums(self.model, ids, lm, c, self.block_size))
         self.model.train()
-        ar_sum, diff_sum, n_ar, n_masked = d.sum([ar_sum, diff_sum, n_ar, n_masked])
-        ar = ar_sum / max(n_ar, 1.0)
-        return {"kind": "val", "step": self.step, "ar_loss": ar, "ar_ppl": math.exp(min(ar, 50.0)),
-                "diff_loss": diff_sum / n_masked if n_masked else None, "sequences": n}
+        losses = totals.reduced(d).losses()
+        return {"kind": "val", "step": self.step, **losses, "ar_ppl": math.exp(min(losses["ar_loss"], 50.0)),
+                "sequences": n}
 
     # -- checkpoints --------------------------------------------------------------------------
     def _full_model_copy(self) -> TriModeLM | None:
@@ -397,6 +385,33 @@ class Trainer:
         final = self.save_final()
         self._plot()
         return TrainResult(self.out, final, self.step, self.d.is_main, self.history)
+
+
+@dataclass
+class _Totals:
+    """Loss sums and counts accumulated over micro-batches, then summed over ranks."""
+
+    ar_sum: float = 0.0
+    diff_sum: float = 0.0
+    diff_ce_sum: float = 0.0
+    n_ar: float = 0.0
+    n_masked: float = 0.0
+
+    def add(self, s: LossSums) -> None:
+        self.ar_sum += float(s.ar_sum.detach())
+        self.diff_sum += float(s.diff_sum.detach())
+        self.diff_ce_sum += s.diff_ce_sum
+        self.n_ar += s.n_ar
+        self.n_masked += s.n_masked
+
+    def reduced(self, d) -> _Totals:
+        return _Totals(*d.sum([self.ar_sum, self.diff_sum, self.diff_ce_sum, self.n_ar, self.n_masked]))
+
+    def losses(self) -> dict:
+        """Mean AR CE per scored token; mean 1/p-weighted and plain CE per masked token."""
+        m = self.n_masked
+        return {"ar_loss": self.ar_sum / max(self.n_ar, 1.0), "diff_loss": self.diff_sum / m if m else None,
+                "diff_ce": self.diff_ce_sum / m if m else None}
 
 
 def _fmt(x) -> str:

@@ -80,10 +80,15 @@ class LossSums:
     n_ar: int
     n_masked: int
     diff_ce_sum: float = 0.0  # the same CE unweighted, for reporting only
+    distill_sum: torch.Tensor | None = None  # sum over masked tokens of KL(causal teacher || diffusion)
 
-    def total(self, alpha: float) -> torch.Tensor:
-        """The numerator of the objective: sum of AR CE + alpha * sum of (masked CE / p)."""
-        return self.ar_sum + alpha * self.diff_sum if alpha else self.ar_sum
+    def total(self, alpha: float, distill: float = 0.0) -> torch.Tensor:
+        """The numerator of the objective: sum of AR CE + alpha * sum of (masked CE / p)
+        (+ distill * the self-distillation sum, when that term is on)."""
+        out = self.ar_sum + alpha * self.diff_sum if alpha else self.ar_sum
+        if distill and self.distill_sum is not None:
+            out = out + distill * self.distill_sum
+        return out
 
 
 def contributing_tokens(loss_mask: torch.Tensor, corruption: Corruption | None) -> int:
@@ -94,7 +99,7 @@ def contributing_tokens(loss_mask: torch.Tensor, corruption: Corruption | None) 
 
 
 def joint_loss_sums(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, corruption: Corruption | None,
-                    block_size: int) -> LossSums:
+                    block_size: int, distill: float = 0.0) -> LossSums:
     """Forward once and return the summed AR and (1/p-weighted) diffusion cross-entropies.
 
     AR: causal logit i scores token i+1 where loss_mask[i+1]. Diffusion: noisy logit i scores token i
@@ -118,4 +123,20 @@ def joint_loss_sums(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, cor
         weight = (1.0 / corruption.p)[:, None].expand(B, L)[masked]
         diff_sum, n_masked, diff_ce_sum = (ce * weight).sum(), int(masked.sum()), float(ce.detach().sum())
     ar_ce = F.cross_entropy(ar_logits[:, :-1][ar_scored].float(), input_ids[:, 1:][ar_scored], reduction="sum")
-    return LossSums(ar_ce, diff_sum, int(ar_scored.sum()), n_masked, diff_ce_sum)
+    sums = LossSums(ar_ce, diff_sum, int(ar_scored.sum()), n_masked, diff_ce_sum)
+    if distill and corruption is not None:
+        sums.distill_sum = self_distillation_sum(diff_logits, ar_logits, corruption.masked)
+    return sums
+
+
+def self_distillation_sum(diff_logits: torch.Tensor, ar_logits: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Sum over masked positions i >= 1 of KL(teacher || student), where the teacher is the causal
+    prediction of token i (clean-stream logit i-1, detached) and the student the diffusion logit i.
+
+    Self-speculation accepts a draft exactly when it equals the verifier's (causal) choice, so this
+    pulls the drafter toward the verifier rather than toward the data."""
+    target = masked.clone()
+    target[:, 0] = False  # no causal prediction exists for the first token
+    teacher = torch.cat([ar_logits[:, :1], ar_logits[:, :-1]], dim=1)[target].detach().float()
+    student = diff_logits[target].float()
+    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="sum")

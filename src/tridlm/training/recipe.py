@@ -57,6 +57,25 @@ class ObjectiveSection:
     alpha: float = 0.3  # L = L_AR + alpha * L_diff; 0 = the AR-only stage (the noisy stream is skipped)
     block_size: int | None = None  # default: the model's block_size
     eps: float = 1e-3
+    # self-distillation: + distill * KL(causal prediction of token i || diffusion prediction at i) on
+    # masked positions; the causal teacher is the same forward's clean stream, detached. It trains the
+    # drafts toward what the verifier will accept.
+    distill: float = 0.0
+
+
+@dataclass
+class DrafterSection:
+    """A LoRA drafter (tridlm.lora): low-rank deltas on draft tokens only, base weights frozen.
+
+    With rank > 0 the base model -- every causal pass, so AR mode and the verifier -- is unchanged
+    and only the diffusion (noisy-stream) predictions are trained: how an AR model becomes a
+    tri-mode one cheaply. The checkpoint stores the adapter in `linear_spec_lora/`.
+    """
+
+    rank: int = 0  # 0 = off: train every weight
+    alpha: float = 32.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])
 
 
 @dataclass
@@ -108,6 +127,7 @@ class Recipe:
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: DataSection = field(default_factory=DataSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    drafter: DrafterSection = field(default_factory=DrafterSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)

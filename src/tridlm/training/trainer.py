@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .. import lora
 from ..checkpoint import CheckpointError, atomic_folder_write, load
 from ..config import ModelConfig, RopeParameters
 from ..model import TriModeLM
@@ -157,7 +158,21 @@ class Trainer:
         if r.data.seq_len > cfg.max_position_embeddings:
             raise RecipeError(f"recipe key 'data.seq_len' ({r.data.seq_len}) exceeds the model's "
                               f"max_position_embeddings ({cfg.max_position_embeddings})")
+        if r.drafter.rank > 0:
+            self._prepare_drafter(model)
         return model.to(self.d.device).train()
+
+    def _prepare_drafter(self, model: TriModeLM) -> None:
+        """Attach the LoRA drafter (a resumed checkpoint already carries it) and freeze the base."""
+        dr = self.r.drafter
+        if model.draft_adapter is None:
+            torch.manual_seed(self.r.seed)
+            lora.attach(model, dr.rank, dr.alpha, dr.targets)
+        elif model.draft_adapter["r"] != dr.rank:
+            raise RecipeError(f"recipe key 'drafter.rank' ({dr.rank}) differs from the checkpoint's adapter "
+                              f"rank ({model.draft_adapter['r']})")
+        for name, p in model.named_parameters():
+            p.requires_grad_(".lora_" in name)
 
     def _wrap(self, model: TriModeLM):
         d, t = self.d, self.r.train
@@ -177,7 +192,8 @@ class Trainer:
         t = self.r.train
         decay, no_decay = [], []
         for p in self.model.parameters():
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            if p.requires_grad:  # a LoRA drafter trains its adapter only
+                (decay if p.dim() >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
 
@@ -250,7 +266,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         r, d = self.r, self.d
-        alpha = r.objective.alpha
+        alpha, distill = r.objective.alpha, r.objective.distill
         lr = lr_at(step, steps=r.train.steps, lr=r.train.lr, min_lr=r.train.min_lr,
                    warmup_steps=r.train.warmup_steps, schedule=r.train.schedule,
                    decay_fraction=r.train.decay_fraction)
@@ -264,8 +280,8 @@ class Trainer:
         for m, (ids, lm, c) in enumerate(micro):
             with self._no_sync(m == len(micro) - 1):  # gradients are reduced once, after the last micro-batch
                 with self._autocast():
-                    sums: LossSums = joint_loss_sums(self.model, ids, lm, c, self.block_size)
-                (sums.total(alpha) * scale).backward()
+                    sums: LossSums = joint_loss_sums(self.model, ids, lm, c, self.block_size, distill)
+                (sums.total(alpha, distill) * scale).backward()
             totals.add(sums)
         grad_norm = None
         if r.train.grad_clip > 0:
@@ -275,7 +291,8 @@ class Trainer:
         self.samples_seen += r.train.global_batch
         t = totals.reduced(d)
         return {"kind": "train", "step": step + 1,
-                "loss": (t.ar_sum + (alpha * t.diff_sum if alpha else 0.0)) / max(global_count, 1.0),
+                "loss": (t.ar_sum + (alpha * t.diff_sum if alpha else 0.0) + distill * t.distill_sum)
+                / max(global_count, 1.0),
                 **t.losses(), "lr": lr, "grad_norm": grad_norm, "tokens": self.samples_seen * r.data.seq_len}
 
     # -- validation ---------------------------------------------------------------------------
@@ -296,7 +313,7 @@ class Trainer:
             noise = draw_noise(r.seed, EVAL_NOISE_STEP, idx, ids.shape[1])
             c = corrupt(ids, lm, noise, self.config.mask_token_id, r.objective.eps)
             with self._autocast():
-                totals.add(joint_loss_sums(self.model, ids, lm, c, self.block_size))
+                totals.add(joint_loss_sums(self.model, ids, lm, c, self.block_size, r.objective.distill))
         self.model.train()
         losses = totals.reduced(d).losses()
         return {"kind": "val", "step": self.step, **losses, "ar_ppl": math.exp(min(losses["ar_loss"], 50.0)),
@@ -315,6 +332,9 @@ class Trainer:
         copy = copy.to_empty(device="cpu")
         if self.config.tie_word_embeddings:
             copy.diffusion_head.weight = copy.encoder.embed_tokens.weight
+        adapter = self.base_model.draft_adapter
+        if adapter is not None:  # same LoRA layout, so the adapter's tensors have somewhere to go
+            lora.attach(copy, adapter["r"], adapter["lora_alpha"], adapter["target_modules"])
         copy.load_state_dict({k: v.detach().cpu() for k, v in sd.items()}, strict=False)
         return copy.eval()
 
@@ -396,8 +416,11 @@ class _Totals:
     diff_ce_sum: float = 0.0
     n_ar: float = 0.0
     n_masked: float = 0.0
+    distill_sum: float = 0.0
 
     def add(self, s: LossSums) -> None:
+        if s.distill_sum is not None:
+            self.distill_sum += float(s.distill_sum.detach())
         self.ar_sum += float(s.ar_sum.detach())
         self.diff_sum += float(s.diff_sum.detach())
         self.diff_ce_sum += s.diff_ce_sum
@@ -405,13 +428,15 @@ class _Totals:
         self.n_masked += s.n_masked
 
     def reduced(self, d) -> _Totals:
-        return _Totals(*d.sum([self.ar_sum, self.diff_sum, self.diff_ce_sum, self.n_ar, self.n_masked]))
+        return _Totals(*d.sum([self.ar_sum, self.diff_sum, self.diff_ce_sum, self.n_ar, self.n_masked,
+                               self.distill_sum]))
 
     def losses(self) -> dict:
         """Mean AR CE per scored token; mean 1/p-weighted and plain CE per masked token."""
         m = self.n_masked
         return {"ar_loss": self.ar_sum / max(self.n_ar, 1.0), "diff_loss": self.diff_sum / m if m else None,
-                "diff_ce": self.diff_ce_sum / m if m else None}
+                "diff_ce": self.diff_ce_sum / m if m else None,
+                **({"distill_kl": self.distill_sum / m} if self.distill_sum and m else {})}
 
 
 def _fmt(x) -> str:

@@ -6,8 +6,10 @@
 
 C clients (asyncio, one connection each) send completions back to back, each a fixed length
 (ignore_eos) so that every mode makes the same tokens; a level ends after `--requests` requests
-(default 2 x C, at least 8). Reported per (mode, C): requests/s, generated tokens/s over the level's
-wall time, p50/p95 request latency, and the mean tokens per forward the server reported.
+(default 2 x C, at least 8). Levels run mode after mode within each concurrency, and the whole sweep
+`--rounds` times, so drift in the machine's load spreads over every mode alike. Reported per (mode, C):
+the median over rounds of requests/s and generated tokens/s (over each level's wall time), p50/p95
+request latency over all rounds' requests, and the mean tokens per forward the server reported.
 """
 
 from __future__ import annotations
@@ -58,8 +60,23 @@ async def level(url: str, key: str | None, mode: str, concurrency: int, requests
         await asyncio.gather(*(client(c) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     return {"mode": mode, "concurrency": concurrency, "requests": requests, "wall_s": wall,
-            "requests_per_s": requests / wall, "tokens_per_s": tokens / wall,
-            "p50_s": percentile(latencies, 0.5), "p95_s": percentile(latencies, 0.95),
+            "requests_per_s": requests / wall, "tokens_per_s": tokens / wall, "latencies": latencies,
+            "tpf": tpf, "chosen": chosen}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One (mode, C) over its rounds."""
+    lat = [x for r in runs for x in r["latencies"]]
+    tpf = [x for r in runs for x in r["tpf"]]
+    chosen: dict[str, int] = {}
+    for r in runs:
+        for k, v in r["chosen"].items():
+            chosen[k] = chosen.get(k, 0) + v
+    return {"mode": runs[0]["mode"], "concurrency": runs[0]["concurrency"], "rounds": len(runs),
+            "requests": sum(r["requests"] for r in runs),
+            "requests_per_s": statistics.median(r["requests_per_s"] for r in runs),
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+            "p50_s": percentile(lat, 0.5), "p95_s": percentile(lat, 0.95),
             "tpf": statistics.fmean(tpf) if tpf else None, "chosen": chosen}
 
 
@@ -86,6 +103,7 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="ar,diffusion,spec,spec-quadratic,auto")
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--requests", type=int, default=None, help="requests per level (default max(8, 2 x C))")
+    p.add_argument("--rounds", type=int, default=3, help="repeat the sweep (default 3)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--block-length", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch threads of the in-process server")
@@ -126,24 +144,27 @@ def main(argv=None) -> int:
         print(f"serving {args.model or 'the tiny model'} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
               f"parameters) at {url}", file=sys.stderr)
     body = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "block_length": args.block_length}
-    rows = []
+    runs: dict[tuple[str, int], list[dict]] = {(m, c): [] for m in modes for c in levels}
     try:
         for mode in modes:  # one warm-up request per mode (first-use costs stay out of the numbers)
             asyncio.run(level(url, args.api_key, mode, 1, 1, body))
-        for mode in modes:
+        for k in range(args.rounds):
             for c in levels:
-                n = args.requests or max(8, 2 * c)
-                r = asyncio.run(level(url, args.api_key, mode, c, n, body))
-                rows.append(r)
-                print(f"{mode:>15} C={c:<3} {r['tokens_per_s']:8.1f} tok/s  p50 {r['p50_s']:.2f}s  "
-                      f"p95 {r['p95_s']:.2f}s", file=sys.stderr, flush=True)
+                for mode in modes:
+                    n = args.requests or max(8, 2 * c)
+                    r = asyncio.run(level(url, args.api_key, mode, c, n, body))
+                    runs[mode, c].append(r)
+                    print(f"round {k + 1} {mode:>15} C={c:<3} {r['tokens_per_s']:8.1f} tok/s", file=sys.stderr,
+                          flush=True)
     finally:
         if server is not None:
             server.stop()
+    rows = [summarize(runs[m, c]) for m in modes for c in levels if runs[m, c]]
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": rows}, f, indent=1)
+            json.dump({"args": vars(args), "results": rows, "runs": [r for rs in runs.values() for r in rs]}, f,
+                  indent=1)
     return 0
 
 

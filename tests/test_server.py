@@ -110,11 +110,13 @@ def test_auto_mode_says_what_it_chose_and_keeps_the_greedy_text(live, client):
     assert r.choices[0].text == reference(live[1], "KING:\n", "ar", 12).text
 
 
-def test_block_length_auto_resolves_to_a_candidate(live, client):
+@pytest.mark.parametrize("mode", ["spec", "diffusion"])
+def test_block_length_auto_is_what_generate_resolves(live, client, mode):
     r = client.completions.create(model=NAME, prompt="KING:\n", max_tokens=10, temperature=0,
-                                  extra_body={"mode": "spec", "block_length": "auto"})
+                                  extra_body={"mode": mode, "block_length": "auto"})
+    want = reference(live[1], "KING:\n", mode, 10, block_length="auto")
     assert r.usage.block_length in CANDIDATES
-    assert r.choices[0].text == reference(live[1], "KING:\n", "ar", 10).text
+    assert r.choices[0].text == want.text and r.usage.forwards == want.metrics.rows[0].forwards
 
 
 @pytest.mark.parametrize("mode", ["ar", "spec"])

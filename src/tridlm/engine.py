@@ -166,6 +166,7 @@ class Request:
         self.auto_mode = auto_mode
         self.submitted = time.perf_counter()
         self.first_token: float | None = None
+        self._remake = None  # block length -> rows, for block_length="auto"
         self.done = False  # every row finished, or cancelled, or failed
         self.cancelled = False
         self._finished: set[int] = set()  # rows whose Finished event went out
@@ -300,9 +301,11 @@ class Engine:
         block = _PLACEHOLDER_BLOCK if auto_block else params.block_length
         if auto_block and self._auto_block is not None:
             block, auto_block = self._auto_block, False
-        params = params.replace(mode=mode, block_length=block)
-        rows = self._rows(prompts, params, n)  # validates: GenerationError before anything is queued
+        params = params.replace(mode=mode)
+        rows = self._rows(prompts, params.replace(block_length=block), n)  # validates before anything queues
         req = Request(self, rows, mode, AUTO if auto_block else block, auto_mode, loop)
+        if auto_block:  # rebuilt with the resolved block length on admission (steps default to it)
+            req._remake = lambda b: self._rows(prompts, params.replace(block_length=b), n)
         with self._cond:
             if self._closing or self._dead:
                 raise EngineClosed(self._dead or "the engine is shut down")
@@ -400,7 +403,7 @@ class Engine:
         try:
             if req.block_length == AUTO:
                 block = self._resolve_auto_block()
-                req.rows = self._rows_like(req, block)
+                req.rows = req._remake(block)
                 req.block_length = block
             batch.add(*req.rows)
         except Exception as e:
@@ -412,16 +415,11 @@ class Engine:
             return
         self._deliver(req)  # rows that finished before any forward (no room left in the context)
 
-    def _rows_like(self, req: Request, block: int) -> list[Row]:
-        return [Row(r.prompt, r.params.replace(block_length=block), self.model.config, self.tokenizer,
-                    seed=None if r.params.seed is None else r.params.seed + i, device=self.model.device)
-                for i, r in enumerate(req.rows)]
-
     def _resolve_auto_block(self) -> int:
-        if self._auto_block is None:
-            from .bench.cost_profile import resolve_auto_block_length
+        if self._auto_block is None:  # what generate() uses for block_length="auto"
+            from .generate import auto_block_length
 
-            self._auto_block = int(resolve_auto_block_length(self.model))
+            self._auto_block = int(auto_block_length(self.model))
             log.info("block_length auto -> %d", self._auto_block)
         return self._auto_block
 

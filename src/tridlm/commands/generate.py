@@ -26,7 +26,7 @@ def _block_length(value: str):
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="a tridlm checkpoint folder")
+    p.add_argument("model", metavar="MODEL", help="a tridlm checkpoint folder, or 'default' (the embedded model)")
     p.add_argument("--mode", default="ar", help=f"decoding mode: {', '.join(MODES)} (default ar)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -77,9 +77,16 @@ def load_model(args, params: dict):
     from tridlm.checkpoint import load, read_config
     from tridlm.decoding.params import GenerationParams
 
-    GenerationParams(mode=args.mode, **params).resolve(read_config(args.model))
+    folder, adapter = args.model, not args.no_draft_adapter
+    if args.model == "default":  # the embedded default model: cached SmolLM2 base + the shipped drafter
+        from tridlm.default_model import default_model_paths
+
+        folder, default_adapter = default_model_paths()
+        adapter = default_adapter if adapter else False
+    checked = dict(params, block_length=1) if params.get("block_length") == "auto" else params
+    GenerationParams(mode=args.mode, **checked).resolve(read_config(folder))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load(args.model, draft_adapter=not args.no_draft_adapter).to(device).eval()
+    model = load(folder, draft_adapter=adapter).to(device).eval()
     if args.dtype:
         model = model.to(getattr(torch, args.dtype))
     return model

@@ -4,9 +4,10 @@ from .cache import KVCache
 from .checkpoint import CheckpointError, load, save
 from .config import ModelConfig, RopeParameters
 from .generate import GenerationResult, generate
+from .infill import InfillResult, RevisionResult, infill, revise
 from .model import TriModeLM
 from .tokenizer import Tokenizer
 
 __all__ = ["KVCache", "CheckpointError", "ModelConfig", "RopeParameters", "TriModeLM", "Tokenizer", "load",
-           "save", "generate", "GenerationResult"]
+           "save", "generate", "GenerationResult", "infill", "revise", "InfillResult", "RevisionResult"]
 __version__ = "0.1.0"

@@ -353,11 +353,19 @@ def test_api_key_required_when_set(tiny_trained):
 
 
 # -- the command line -------------------------------------------------------------------------------
-def test_serve_without_a_default_model_says_what_to_do(capsys):
-    from tridlm.cli import main
+def test_serve_without_model_uses_the_default_model(tiny_trained, monkeypatch, capsys):
+    from tridlm import default_model
+    from tridlm.cli import build_parser, main
+    from tridlm.commands.serve import build_app
 
+    _, _, folder = tiny_trained
+    monkeypatch.setattr(default_model, "default_model_paths", lambda: (folder, False))
+    app, name = build_app(build_parser().parse_args(["serve"]))
+    assert name == "tridlm-default"
+    monkeypatch.undo()
+    monkeypatch.setattr(default_model, "has_drafter", lambda: False)
     assert main(["serve"]) == 2
-    assert "no default model is installed; pass --model PATH" in capsys.readouterr().err
+    assert "the default model's drafter is missing" in capsys.readouterr().err
 
 
 def test_serve_builds_the_app_from_a_folder(tiny_trained):

@@ -52,8 +52,10 @@ def add_parser(subparsers) -> None:
 
 
 def _default_model_path():
-    """The checkpoint `tridlm serve` uses without --model."""
-    raise ValueError("no default model is installed; pass --model PATH")
+    """(checkpoint folder, draft adapter) that `tridlm serve` uses without --model: the embedded model."""
+    from tridlm.default_model import default_model_paths
+
+    return default_model_paths()
 
 
 def build_app(args):
@@ -62,12 +64,18 @@ def build_app(args):
     from tridlm.checkpoint import load
     from tridlm.server import EngineConfig, Limits, ServerConfig, create_app
 
-    path = args.model if args.model is not None else _default_model_path()
+    adapter = not args.no_draft_adapter
+    if args.model in (None, "default"):
+        path, default_adapter = _default_model_path()
+        adapter = default_adapter if adapter else False
+    else:
+        path = args.model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load(path, draft_adapter=not args.no_draft_adapter).to(device).eval()
+    model = load(path, draft_adapter=adapter).to(device).eval()
     if args.dtype:
         model = model.to(getattr(torch, args.dtype))
-    name = args.served_model_name or os.path.basename(os.path.normpath(str(path)))
+    default = args.model in (None, "default")
+    name = args.served_model_name or ("tridlm-default" if default else os.path.basename(os.path.normpath(str(path))))
     config = ServerConfig(
         model_name=name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
         limits=Limits(default_mode=args.default_mode, default_temperature=args.default_temperature,

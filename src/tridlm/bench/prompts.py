@@ -139,7 +139,7 @@ _LOADERS = {"gsm8k": gsm8k_prompts, "humaneval": humaneval_prompts, "stories": s
 
 def load_prompts(spec: str, n: int | None = None) -> list[Prompt]:
     """`n` prompts of a named set (see the module docstring); several sets are interleaved."""
-    if spec and Path(spec).suffix in (".jsonl", ".json") or Path(spec).is_file():
+    if Path(spec).suffix in (".jsonl", ".json") or Path(spec).is_file():
         return jsonl_prompts(spec, n)
     names = list(BUILT_IN) if spec == "mixed" else [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [s for s in names if s not in _LOADERS]

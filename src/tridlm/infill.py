@@ -166,7 +166,8 @@ def infill(model: TriModeLM, prefix=None, suffix=None, *, segments=None, length=
 
 def revise(model: TriModeLM, text, *, prefix="", suffix="", rounds: int = 1, threshold: float | None = None,
            budget: int | float | None = None, window: int | None = None, context: int | None = None,
-           groups: int = 2, drafter: bool | None = None, tokenizer=None, **params) -> RevisionResult:
+           groups: int = 2, drafter: bool | None = None, commit_threshold: float | None = None, tokenizer=None,
+           **params) -> RevisionResult:
     """Re-mask the tokens of `text` the model is least confident of and denoise them again, `rounds` times.
 
     prefix / suffix: context around `text`, read but never changed. threshold: re-mask tokens whose
@@ -174,6 +175,7 @@ def revise(model: TriModeLM, text, *, prefix="", suffix="", rounds: int = 1, thr
     fraction of the tokens); neither: threshold 0.1. budget=0 or rounds=0 returns `text` unchanged
     without running the model. window/context: tokens scored together and the right context they see
     (default: half the model's block size each). groups: masked copies per window (0: score visible).
+    commit_threshold and params: the re-denoiser's sampler (`GenerationParams.threshold` and the rest).
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     parts = [prefix, text, suffix]
@@ -187,7 +189,8 @@ def revise(model: TriModeLM, text, *, prefix="", suffix="", rounds: int = 1, thr
     half = max(1, model.config.block_size // 2)
     opts = ReviseOptions(rounds=rounds, threshold=threshold, budget=budget, window=window or half,
                          context=half if context is None else context, groups=groups, drafter=bool(drafter))
-    gp = _params("diffusion", params).resolve(model.config, [len(pre) + len(body) + len(post)])
+    gp = _params("diffusion", dict(params, threshold=commit_threshold)).resolve(
+        model.config, [len(pre) + len(body) + len(post)])
     allowed = [False] * len(pre) + [True] * len(body) + [False] * len(post)
     row = ReviseRow(pre + body + post, allowed, gp, model.config, tokenizer, device=model.device, options=opts)
     if not row.finished:

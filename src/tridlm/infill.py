@@ -218,15 +218,62 @@ def generate_revised(model: TriModeLM, prompt, *, revise_rounds: int = 1, revise
     gp = _params("diffusion", params)
     prompts, batched = _prompt_ids(prompt, tokenizer, True)
     gp = gp.resolve(model.config, [len(p) for p in prompts])
-    # the same weights as the diffusion mode's own denoising (its plans keep a LoRA drafter off)
+    # the same weights as the diffusion mode's own denoising (a LoRA drafter on for the block)
     opts = ReviseOptions(rounds=revise_rounds, threshold=revise_threshold, budget=revise_budget,
-                         groups=revise_groups, drafter=False)
+                         groups=revise_groups, drafter=True)
     rows = [revising_row(p, gp, model.config, tokenizer, seed=None if gp.seed is None else gp.seed + i,
                          device=model.device, options=opts) for i, p in enumerate(prompts)]
     s = GenerationStream(model, rows, gp.mode, batched)
     for _ in s:
         pass
     return s.result
+
+
+# -- rows for the serving engine (an OpenAI-style `suffix` on /v1/completions, and /v1/revise) -------------
+def infill_row(prompt_ids, suffix_ids, params: GenerationParams, config, tokenizer=None, seed=None, device=None, *,
+               method: str = "auto", suffix_window: int | None = None, candidates: int = 4,
+               drafter: bool = False) -> InfillRow:
+    """The row of a completion request with a suffix: its output (what streams) is the middle between
+    the prompt and the suffix -- up to params.max_new_tokens tokens, ending before the first of
+    params.stop or at end-of-text, as the OpenAI completions API's `suffix` does."""
+    p = params.resolve(config, [max(1, len(prompt_ids))])
+    method = resolve_method(method, p.mode, tokenizer)
+    fim = fim_tokens(tokenizer)
+    opts = InfillOptions(method=method, suffix_window=config.block_size if suffix_window is None else suffix_window,
+                         max_length=max(1, p.max_new_tokens), stop=p.stop, candidates=candidates, drafter=drafter,
+                         fim_tokens=(fim.prefix, fim.suffix, fim.middle) if fim else None)
+    return InfillRow([list(prompt_ids), list(suffix_ids)], [None], p, config, tokenizer, seed, device, opts)
+
+
+def revise_row(text_ids, params: GenerationParams, config, tokenizer=None, seed=None, device=None, *,
+               prefix_ids=(), suffix_ids=(), rounds: int = 1, threshold: float | None = None,
+               budget: int | float | None = None, window: int | None = None, context: int | None = None,
+               groups: int = 2, drafter: bool = False) -> ReviseRow:
+    """The row of a revision request: its output (what streams, once) is the revised text; read the
+    changes with `revision_body` once it has finished."""
+    half = max(1, config.block_size // 2)
+    opts = ReviseOptions(rounds=rounds, threshold=threshold, budget=budget, window=window or half,
+                         context=half if context is None else context, groups=groups, drafter=drafter)
+    pre, body, post = list(prefix_ids), list(text_ids), list(suffix_ids)
+    if not body:
+        raise GenerationError("nothing to revise: the text is empty")
+    allowed = [False] * len(pre) + [True] * len(body) + [False] * len(post)
+    p = params.replace(mode="diffusion").resolve(config, [len(allowed)])
+    return ReviseRow(pre + body + post, allowed, p, config, tokenizer, seed, device, options=opts)
+
+
+def revision_body(row: ReviseRow, tokenizer=None) -> dict:
+    """The JSON answer to a finished revision request: the revised text, the changed tokens (positions
+    within the text), the positions re-masked per round, and the usage."""
+    dec = tokenizer.decode if tokenizer is not None else (lambda ids: "")
+    start = row.allowed.index(True)
+    changes = [_token_change(c, start, dec).to_dict() for c in row.changes]
+    m = row.metrics
+    return {"object": "revision", "text": dec(row.output), "ids": list(row.output), "changes": changes,
+            "selected": [[p - start for p in s] for s in row.selected],
+            "usage": {"prompt_tokens": len(row.original), "completion_tokens": len(row.output),
+                      "total_tokens": len(row.original) + len(row.output), "forwards": m.forwards,
+                      "prefill_forwards": m.prefill_forwards}}
 
 
 TriModeLM.infill = infill

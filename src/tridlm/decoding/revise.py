@@ -190,7 +190,9 @@ class ReviseRow(ScriptRow):
     def _done(self, last_change: dict[int, int]) -> None:
         self.changes = [Change(p, self.original[p], self.revised[p], last_change[p])
                         for p in sorted(last_change) if self.revised[p] != self.original[p]]
-        self.output = list(self.revised)
+        region = [i for i, a in enumerate(self.allowed) if a] or [0]
+        self.output = self.revised[region[0]:region[-1] + 1]  # what streams: the revisable span
+        self.metrics.generated_tokens = len(self.output)
         self.finish("stop")
 
     def _windows(self, r0: int, r1: int) -> list[tuple[int, int, int]]:

@@ -24,8 +24,8 @@ METRICS_FILE = "training_metrics.jsonl"
 TINY_RECIPE = {
     "seed": 0,
     "model": {"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 3,
-              "num_key_value_heads": 3, "max_position_embeddings": 1024, "block_size": 8},
-    "tokenizer": {"vocab_size": 1024},
+              "num_key_value_heads": 3, "max_position_embeddings": 1024, "block_size": 4},
+    "tokenizer": {"vocab_size": 320},
     "data": {"sources": ["shakespeare"], "seq_len": 128, "val_fraction": 0.05},
     "objective": {"alpha": 0.3},
     "train": {"steps": 120, "global_batch": 16, "micro_batch": 16, "lr": 3e-3, "min_lr": 3e-4,

@@ -103,25 +103,28 @@ def _documents(ids: torch.Tensor, loss_mask: torch.Tensor, eos_id: int | None) -
 def fim_reorder(ids: torch.Tensor, loss_mask: torch.Tensor, tokens: FimTokens, eos_id: int | None,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One row [L] in FIM order: a document (a complete one when the row holds any) is cut at two
-    uniform points into p | m | s and rewritten as PRE p SUF s MID m; the row keeps its length by
-    dropping its last three tokens. Rows with no scored document of two tokens come back unchanged."""
-    runs = _documents(ids, loss_mask, eos_id)
+    uniform points into p | m | s and rewritten as PRE p SUF s MID m; the row's last three tokens make
+    room for the sentinels. Rows with no scored document of two tokens come back unchanged."""
+    L = ids.numel()
+    if L < 5:
+        return ids, loss_mask
+    body, body_mask = ids[:L - 3], loss_mask[:L - 3]
+    runs = _documents(body, body_mask, eos_id)
     if not runs:
         return ids, loss_mask
     complete = [r for r in runs if r[2]]
     pool = complete or runs
     a, b, _ = pool[_randint(0, len(pool) - 1, generator)]
     i, j = sorted((_randint(a, b, generator), _randint(a, b, generator)))
-    L = ids.numel()
 
     def sentinel(t: int) -> torch.Tensor:
         return torch.tensor([t], dtype=ids.dtype)
 
     one = torch.ones(1, dtype=loss_mask.dtype)
-    new_ids = torch.cat([ids[:a], sentinel(tokens.prefix), ids[a:i], sentinel(tokens.suffix), ids[j:b],
-                         sentinel(tokens.middle), ids[i:j], ids[b:]])[:L]
-    new_mask = torch.cat([loss_mask[:a], one, loss_mask[a:i], one, loss_mask[j:b], one, loss_mask[i:j],
-                          loss_mask[b:]])[:L]
+    new_ids = torch.cat([body[:a], sentinel(tokens.prefix), body[a:i], sentinel(tokens.suffix), body[j:b],
+                         sentinel(tokens.middle), body[i:j], body[b:]])
+    new_mask = torch.cat([body_mask[:a], one, body_mask[a:i], one, body_mask[j:b], one, body_mask[i:j],
+                          body_mask[b:]])
     return new_ids, new_mask
 
 

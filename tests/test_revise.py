@@ -146,3 +146,18 @@ def test_revise_text_round_trip_with_a_tokenizer():
     assert model.tokenizer.decode(r.ids) == r.text
     assert len(r.ids) == len(model.tokenizer.encode(text))
     assert [c.position for c in r.changes] == [i for i, t in enumerate(model.tokenizer.encode(text)) if r.ids[i] != t]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_revising_diffusion_without_rounds_is_plain_diffusion(temperature):
+    """So it may stand in for the diffusion mode: rows without revise settings decode exactly as before."""
+    from tridlm.decoding.revise import REVISING_DIFFUSION
+
+    model = random_model(seed=6)
+    p = GenerationParams(mode="diffusion", block_length=4, max_new_tokens=14, ignore_eos=True,
+                         temperature=temperature, seed=1)
+    plain = run(model, Row([5, 6, 7], p, model.config)).output
+    row = Row([5, 6, 7], p, model.config)
+    row.mode = REVISING_DIFFUSION
+    row.mode.start(row)
+    assert run(model, row).output == plain

@@ -268,8 +268,21 @@ class RevisingBlockState(BlockState):
     revised: list[int] = field(default_factory=list)  # block positions re-masked so far (for metrics)
 
 
+def row_revise_options(row: Row) -> ReviseOptions:
+    """A row's revision settings: `row.revise_options`, else its params' revise_rounds / revise_threshold /
+    revise_budget when `GenerationParams` has them, else none (plain diffusion)."""
+    o = getattr(row, "revise_options", None)
+    if o is None:
+        p = row.params
+        o = ReviseOptions(rounds=getattr(p, "revise_rounds", 0) or 0, threshold=getattr(p, "revise_threshold", None),
+                          budget=getattr(p, "revise_budget", None), drafter=True)
+        row.revise_options = o
+    return o
+
+
 class RevisingDiffusion(Diffusion):
-    """Diffusion decoding with `row.revise_options.rounds` revision rounds per block before its commit.
+    """Diffusion decoding with revision rounds per block before its commit (`row_revise_options`); with
+    no rounds it is exactly `Diffusion`.
 
     Only the denoised positions are revised (the block's first token is the committed AR seed)."""
 
@@ -280,7 +293,7 @@ class RevisingDiffusion(Diffusion):
         st: RevisingBlockState = row.state
         if st.block is None or not st.scoring:
             return super().plan_decode(row)
-        o: ReviseOptions = row.revise_options
+        o = row_revise_options(row)
         scored = torch.ones_like(st.block, dtype=torch.bool)
         scored[0] = False
         plan, owners = copies_plan([Window(row.cached, st.block, scored)], o.groups, row.mask_id, o.drafter,
@@ -290,7 +303,7 @@ class RevisingDiffusion(Diffusion):
 
     def consume_decode(self, row: Row, plan: Plan, logits: torch.Tensor):
         st: RevisingBlockState = row.state
-        o: ReviseOptions = row.revise_options
+        o = row_revise_options(row)
         p = row.params
         if st.block is None:  # commit pass: its last logit seeds the next block
             from .sampling import sample

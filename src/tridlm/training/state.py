@@ -6,6 +6,10 @@
 
 `trainer_state.pt` holds only tensors, numbers, strings, lists and dicts, so it loads with
 `torch.load(weights_only=True)`: resuming never unpickles arbitrary objects.
+
+The RNG states saved are rank 0's and are restored on every rank. The loop itself draws from no
+global generator (data order and noise come from their own seeded generators), so this is enough
+for every rank to continue exactly.
 """
 
 from __future__ import annotations

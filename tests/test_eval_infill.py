@@ -182,3 +182,17 @@ def test_infill_and_revise_commands(checkpoint, capsys):
     out = json.loads(capsys.readouterr().out)
     assert len(out["selected"][0]) <= 2
     assert main(["infill", str(checkpoint), "no marker here"]) == 2  # a user error: one line, no traceback
+
+
+def test_trim_context_keeps_the_lines_nearest_the_hole():
+    from tridlm.eval.runner import trim_context
+    from tridlm.eval.tasks import InfillTask
+
+    tok = text_model().tokenizer
+    before = "".join(f"line_{i} = {i}\n" for i in range(40))
+    after = "".join(f"\nafter_{i} = {i}" for i in range(40)) + "\n"
+    t = trim_context(InfillTask("t", "stdlib-line", [before, after], ["x = 1"]), tok, 30)
+    assert len(tok.encode(t.segments[0])) <= 30 and before.endswith(t.segments[0]) and t.segments[0].startswith("line_")
+    assert len(tok.encode(t.segments[1])) <= 30 and after.startswith(t.segments[1])
+    he = humaneval_tasks("single-line", n=1)[0]
+    assert trim_context(he, tok, 5) is he  # programs keep their whole text

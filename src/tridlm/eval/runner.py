@@ -67,11 +67,25 @@ class InfillRecord:
     forwards: int
 
 
+def trim_context(task: InfillTask, tokenizer, max_tokens: int) -> InfillTask:
+    """A task without tests whose outer segments keep at most `max_tokens` tokens each (whole lines
+    nearest the holes): for models trained on short rows. Tasks with tests are returned unchanged."""
+    if task.test is not None or not max_tokens:
+        return task
+    segs = list(task.segments)
+    while len(tokenizer.encode(segs[0])) > max_tokens and "\n" in segs[0][:-1]:
+        segs[0] = segs[0][segs[0].index("\n") + 1:]
+    while len(tokenizer.encode(segs[-1])) > max_tokens and "\n" in segs[-1][1:]:
+        segs[-1] = segs[-1][:segs[-1].rindex("\n")]
+    return InfillTask(task.task_id, task.kind, segs, task.answers, None, None)
+
+
 def run_infill(model, tasks: list[InfillTask], methods: list[str], settings=SETTINGS, max_length: int = 48,
-               limits: Limits | None = None, log=None) -> list[InfillRecord]:
+               limits: Limits | None = None, log=None, max_context: int | None = None) -> list[InfillRecord]:
     tok = model.tokenizer
     records = []
     for ti, task in enumerate(tasks):
+        task = trim_context(task, tok, max_context)
         for setting in settings:
             if setting == "stop" and task.kind not in ("single-line", "stdlib-line"):
                 continue

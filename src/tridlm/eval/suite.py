@@ -53,7 +53,8 @@ def default_methods(model) -> list[str]:
 
 
 def eval_infill(model, tasks=INFILL_TASKS, n: int = 20, stdlib_n: int | None = None, methods=None,
-                settings=SETTINGS, seed: int = 0, max_length: int = 48, timeout_s: float = 10.0, log=print) -> dict:
+                settings=SETTINGS, seed: int = 0, max_length: int = 48, timeout_s: float = 10.0, log=print,
+                max_context: int | None = None) -> dict:
     methods = list(methods or default_methods(model))
     all_tasks = []
     for kind in tasks:
@@ -61,7 +62,8 @@ def eval_infill(model, tasks=INFILL_TASKS, n: int = 20, stdlib_n: int | None = N
             all_tasks += stdlib_tasks(stdlib_n or n, seed)
         else:
             all_tasks += humaneval_tasks(kind, n, seed)
-    records = run_infill(model, all_tasks, methods, settings, max_length, Limits(timeout_s=timeout_s), log)
+    records = run_infill(model, all_tasks, methods, settings, max_length, Limits(timeout_s=timeout_s), log,
+                         max_context)
     return {"methods": methods, "settings": list(settings), "records": records_to_json(records),
             "summary": summarise_infill(records)}
 

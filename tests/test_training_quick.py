@@ -16,8 +16,8 @@ def test_tiny_model_lowers_held_out_ar_and_diffusion_losses(tiny_trained):
     # at initialisation both are about log(vocab); the trained model is far below
     assert abs(first["ar_loss"] - math.log(model.config.vocab_size)) < 0.5
     assert last["ar_loss"] < first["ar_loss"] - 2.0
-    assert last["diff_ce"] < first["diff_ce"] - 1.5
-    assert last["diff_loss"] < 0.75 * first["diff_loss"]
+    assert last["diff_ce"] < first["diff_ce"] - 1.2
+    assert last["diff_loss"] < 0.8 * first["diff_loss"]
 
 
 def test_tiny_model_folder_is_a_complete_checkpoint(tiny_trained):

@@ -158,3 +158,16 @@ def test_tokenizer_round_trip_through_checkpoint(tmp_path):
     assert (loaded.bos_id, loaded.eos_id, loaded.mask_id) == (1, 2, 3)
     text = loaded.apply_chat_template([{"role": "user", "content": "ab"}])
     assert text == "<s>user\nab</s><s>assistant\n"
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    random_model().save(tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    pad = (0x80 - n % 256) % 256 or 256  # grow the header (trailing spaces are valid JSON) to end in 0x80
+    header = data[8:8 + n] + b" " * pad
+    f.write_bytes((n + pad).to_bytes(8, "little") + header + data[8 + n:])
+    assert f.read_bytes()[0] == 0x80
+    ids = torch.randint(0, 64, (1, 4))
+    assert torch.equal(logits(tridlm.load(tmp_path / "m"), ids), logits(random_model(), ids))

@@ -161,3 +161,18 @@ def test_bad_requests_fail_before_any_forward():
 def test_spread_lengths():
     assert spread_lengths(32, 6) == [1, 2, 4, 8, 16, 32]
     assert spread_lengths(5, 1) == [5]
+
+
+def test_stop_strings_may_count_only_after_the_first_characters():
+    """A hole that starts with a newline (BPE merges it with the next line's indent) ends at the next one."""
+    model = text_model()
+    tok = model.tokenizer
+    cfg = model.config
+    gp = GenerationParams(mode="ar").resolve(cfg)
+    ids = tok.encode("\n    x = 1\n    y = 2")
+    for after, expect in ((0, ""), (1, "\n    x = 1")):
+        row = InfillRow([[5], [6]], [None], gp, cfg, tok, options=InfillOptions(method="left", stop=("\n",),
+                                                                               stop_after=after))
+        assert row._stopped(ids) and row._cut(ids, 48) == (tok.encode(expect), "stop")
+    r = model.infill("x = 0", "\nz = 3\n", max_length=8, stop=["\n"], stop_after=1, method="left", mode="ar")
+    assert "\n" not in r.middle[1:] and r.text.endswith("\nz = 3\n")

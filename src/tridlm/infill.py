@@ -108,13 +108,15 @@ def _run(model: TriModeLM, row) -> None:
 
 
 def infill(model: TriModeLM, prefix=None, suffix=None, *, segments=None, length=None, max_length: int = 32,
-           stop=(), mode: str = "diffusion", method: str = "auto", suffix_window: int | None = None,
-           candidates: int = 4, lengths=None, rank_temperature: float = 0.8, drafter: bool | None = None,
-           tokenizer=None, **params) -> InfillResult:
+           stop=(), stop_after: int = 0, mode: str = "diffusion", method: str = "auto",
+           suffix_window: int | None = None, candidates: int = 4, lengths=None, rank_temperature: float = 0.8,
+           drafter: bool | None = None, tokenizer=None, **params) -> InfillResult:
     """Fill the hole between `prefix` and `suffix` (or the holes between `segments`) so it fits both sides.
 
     length: an int (every hole exactly that many tokens), None (variable: up to `max_length`, ending
-        before the first `stop` string or at end-of-text), or one of these per hole.
+        before the first `stop` string or at end-of-text), or one of these per hole. stop_after: stop
+        strings count from this character of a fill on (1: a hole that begins with a newline -- BPE
+        vocabularies merge a newline with the next line's indent -- and ends at the next newline).
     mode: "diffusion" | "ar" | "spec" | "spec-quadratic" -- the decoding for methods fim and left.
     method: "auto" | "block" | "fim" | "rank" | "left" (see `tridlm.decoding.infill`); auto picks block
         for diffusion, and for AR/spec fim when the model was trained for it, else rank.
@@ -148,7 +150,8 @@ def infill(model: TriModeLM, prefix=None, suffix=None, *, segments=None, length=
         raise GenerationError("drafter=True but the model has no LoRA drafter")
     fim = fim_tokens(tokenizer)
     opts = InfillOptions(method=method, suffix_window=model.config.block_size if suffix_window is None
-                         else suffix_window, max_length=max_length, stop=stop, candidates=candidates,
+                         else suffix_window, max_length=max_length, stop=stop, stop_after=stop_after,
+                         candidates=candidates,
                          lengths=tuple(lengths) if lengths else None, rank_temperature=rank_temperature,
                          drafter=bool(drafter), fim_tokens=(fim.prefix, fim.suffix, fim.middle) if fim else None)
     gp = _params(mode, params).resolve(model.config)

@@ -41,7 +41,8 @@ class InfillOptions:
     method: str = "block"
     suffix_window: int = 16  # given tokens after a hole that its block holds (block method)
     max_length: int = 32  # a variable-length hole: at most this many tokens
-    stop: tuple[str, ...] = ()  # a variable-length hole ends before the first of these strings
+    stop: tuple[str, ...] = ()  # a variable-length hole ends before the first of these strings...
+    stop_after: int = 0  # ... found from this character of its text on (1: a hole that starts with a newline)
     candidates: int = 4  # rank: left-to-right candidates; block: lengths tried for a variable hole
     lengths: tuple[int, ...] | None = None  # block: the lengths to try (default: spread up to max_length)
     rank_temperature: float = 0.8  # rank: candidates after the first (greedy) one are sampled so
@@ -319,23 +320,20 @@ class InfillRow(ScriptRow):
             prompt = [pre] + before + [suf] + suffix + [mid]
         else:
             prompt = before or [self.prompt[0]]
-        p = self.params.replace(max_new_tokens=o.max_length if k is None else k, ignore_eos=k is not None,
-                                stop=() if k is not None else o.stop,
+        limit = o.max_length if k is None else k
+        # the stop strings are checked here (they may count only from `stop_after` on), not by the inner row
+        p = self.params.replace(max_new_tokens=limit, ignore_eos=k is not None, stop=(),
                                 eos_token_id=None if k is not None else self.eos_id)
         inner = Row(prompt, p, self.model_config, self.tokenizer, device=self.device)
         inner.generator = self.generator
         if inner.finished:
             return [], "length"
-        yield from run_row(self, inner)
+        yield from run_row(self, inner, until=self._stopped if k is None else None)
         self.crop_to(0)  # the next hole's prompt is another text
-        fill = list(inner.output)
-        reason = inner.finish_reason or "length"
-        if fill and ((reason == "eos" and fill[-1] == self.eos_id) or
-                     (reason == "stop" and fill[-1] in self.params.stop_token_ids)):
-            fill.pop()  # the end-of-span token is not part of the middle
-        if reason == "stop" and inner.stop_text is not None and self.tokenizer is not None:
-            fill = self.tokenizer.encode(inner.stop_text)
-        return fill, reason
+        if k is not None:
+            return list(inner.output), "length"
+        fill, reason = self._cut(list(inner.output), limit)
+        return fill, reason if reason != "length" else (inner.finish_reason or "length")
 
     # -- shared: cutting at the end-of-span markers, and ranking by log p(fill, suffix | prefix) --------
     def _stopped(self, ids: list[int]) -> bool:
@@ -343,7 +341,7 @@ class InfillRow(ScriptRow):
             return True
         if not self.options.stop or self.tokenizer is None:
             return False
-        text = self.tokenizer.decode(ids)
+        text = self.tokenizer.decode(ids)[self.options.stop_after:]
         return any(s in text for s in self.options.stop)
 
     def _cut(self, ids: list[int], limit: int) -> tuple[list[int], str]:
@@ -355,7 +353,7 @@ class InfillRow(ScriptRow):
                 return ids[:i], "stop"
         if self.options.stop and self.tokenizer is not None:
             text = self.tokenizer.decode(ids)
-            hits = [text.find(s) for s in self.options.stop if s in text]
+            hits = [i for i in (text.find(s, self.options.stop_after) for s in self.options.stop) if i >= 0]
             if hits:
                 return self.tokenizer.encode(text[:min(hits)]), "stop"
         return ids[:limit], "length"

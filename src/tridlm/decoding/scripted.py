@@ -101,8 +101,9 @@ class ScriptRow(Row):
             return None
 
 
-def run_row(outer: ScriptRow, inner: Row) -> Script:
-    """Step `inner` (any mode) on `outer`'s cache until it finishes; the caller reads its output.
+def run_row(outer: ScriptRow, inner: Row, until=None) -> Script:
+    """Step `inner` (any mode) on `outer`'s cache until it finishes -- or, with `until`, until
+    until(inner.output) is true (it then finishes with reason "stop"); the caller reads its output.
 
     The inner row must start with the entries `outer` holds (normally none): its own `cached` is kept
     in step with what the batch would do for it.
@@ -123,3 +124,5 @@ def run_row(outer: ScriptRow, inner: Row) -> Script:
             else:
                 inner.cached = base + keep.numel()
                 outer.keep(keep)
+        if until is not None and not inner.finished and until(inner.output):
+            inner.finish("stop")

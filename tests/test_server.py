@@ -88,7 +88,7 @@ def test_completion_in_every_mode_equals_generate(live, client, mode):
 
 @pytest.mark.parametrize("knobs", [
     {"mode": "diffusion", "block_length": 8, "steps": 2, "selection_policy": "margin"},
-    {"mode": "diffusion", "block_length": 6, "threshold": 0.3, "selection_policy": "entropy"},
+    {"mode": "diffusion", "block_length": 6, "threshold": 0.3, "steps": 3, "selection_policy": "entropy"},
     {"mode": "spec", "block_length": 6, "threshold": 0.5, "top_k": 5},
 ])
 def test_every_knob_reaches_the_decoder(live, client, knobs):

@@ -117,15 +117,41 @@ def _auto_section(rep) -> list[str]:
     if not a:
         return []
     acc = a["acceptance_profile"]
+    cost = (rep.get("cost_profiles") or {}).get("fp32")
     L = ["### block_length=\"auto\"", "",
          f"Acceptance profile: {int(sum(acc['counts']))} verify cycles at block {acc['block_length']} (mean "
          f"{_mean_acc(acc):.2f} tokens per cycle). Expected tokens/s(L) = E[min(A, L)] / (block pass(L) + causal "
-         f"pass(L)) from the measured cost profile. Chosen: **L = {a['chosen']}**.", "",
-         "| L | expected tokens/s | measured spec tokens/s |", "|---|---|---|"]
+         f"pass(L)) from the measured cost profile. Chosen: **L = {a['chosen']}**. The last two columns say how "
+         "many tokens a draft+verify cycle must yield, on this device's cost profile, to equal AR (one causal "
+         "1-token pass per token) and to reach 1.5x AR.", "",
+         "| L | expected tokens/s | measured spec tokens/s | expected tokens per cycle | needed to equal AR "
+         "| needed for 1.5x AR |", "|---|---|---|---|---|---|"]
     for Lb, v in a["expected_tokens_per_s"].items():
         meas = a["measured_tokens_per_s"].get(Lb, a["measured_tokens_per_s"].get(str(Lb)))
-        L.append(f"| {Lb} | {v:.2f} | {_f(meas)} |")
+        exp_tokens = _expected_tokens(acc, int(Lb))
+        need = _breakeven(cost, int(Lb)) if cost else None
+        L.append(f"| {Lb} | {v:.2f} | {_f(meas)} | {exp_tokens:.2f} | {_need(need, int(Lb))} "
+                 f"| {_need(None if need is None else 1.5 * need, int(Lb))} |")
     return L + [""]
+
+
+def _need(x: float | None, L: int) -> str:
+    return "–" if x is None else f"{x:.2f}" + (" (more than L: out of reach)" if x > L else "")
+
+
+def _expected_tokens(acc, L: int) -> float:
+    n = sum(acc["counts"])
+    return sum(sum(acc["counts"][k - 1:]) / n for k in range(1, L + 1))
+
+
+def _breakeven(cost: dict, L: int) -> float | None:
+    """Tokens per cycle at which draft(L) + verify(L) costs what AR pays for the same tokens."""
+    from .cost_profile import CostProfile
+
+    prof = CostProfile.from_dict(cost)
+    if 1 not in prof.batch_sizes:
+        return None
+    return (prof.latency("block", L) + prof.latency("causal", L)) / prof.latency("causal", 1)
 
 
 def _mean_acc(acc) -> float:

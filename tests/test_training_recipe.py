@@ -112,3 +112,9 @@ def test_shipped_tiny_recipe_is_the_quick_recipe():
     assert load_recipe(base=shipped).to_dict() == load_recipe(base=TINY_RECIPE).to_dict()
     for name in sorted((ROOT / "recipes").glob("*.yaml")):
         load_recipe(name)  # every shipped recipe is valid
+
+
+def test_overrides_leave_the_base_dict_alone():
+    base = {"train": {"steps": 5}, "eval": {"every": 7}}
+    load_recipe(base=base, overrides={"train.steps": 9, "eval.every": 0})
+    assert base == {"train": {"steps": 5}, "eval": {"every": 7}}

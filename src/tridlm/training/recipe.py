@@ -6,6 +6,7 @@ wrong type is an error that names the key, raised before anything is built.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import tomllib
@@ -278,7 +279,7 @@ def load_recipe(path=None, overrides: dict | list | None = None, base: dict | No
     Relative paths in the recipe resolve against the current directory.
     """
     data = read_recipe_file(path) if path is not None else {}
-    data = _merge(base or {}, data)
+    data = _merge(copy.deepcopy(base or {}), data)  # overrides must never write into the caller's dict
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for k, v in (overrides or {}).items():

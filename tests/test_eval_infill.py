@@ -196,3 +196,22 @@ def test_trim_context_keeps_the_lines_nearest_the_hole():
     assert len(tok.encode(t.segments[1])) <= 30 and after.startswith(t.segments[1])
     he = humaneval_tasks("single-line", n=1)[0]
     assert trim_context(he, tok, 5) is he  # programs keep their whole text
+
+
+def test_middle_likelihood_layouts():
+    from tridlm.eval.likelihood import middle_nll
+    from tridlm.eval.tasks import InfillTask
+
+    model = text_model(fim=True, seed=3)
+
+    def task(suffix):
+        return InfillTask("t", "stdlib-line", ["def add(a, b):", suffix], ["\n    return a + b"])
+
+    a, b = task("\n\nprint(add(1, 2))\n"), task("\n\nclass Point:\n    pass\n")
+    for layout in ("left", "block-w0"):  # the suffix is not seen
+        assert middle_nll(model, a, layout) == middle_nll(model, b, layout)
+    for layout in ("fim", "block-w8"):
+        (sa, na), (sb, nb) = middle_nll(model, a, layout), middle_nll(model, b, layout)
+        assert na == nb == len(model.tokenizer.encode("\n    return a + b")) and sa != sb
+    with pytest.raises(ValueError):
+        middle_nll(text_model(), a, "fim")

@@ -35,6 +35,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-length", type=int, default=48, help="variable-length holes: tokens at most")
     p.add_argument("--max-context", type=int, default=None, help="stdlib holes: keep at most this many tokens "
                    "of context on each side (for models trained on short rows)")
+    p.add_argument("--nll", default=None, metavar="LAYOUTS", help="also the true middle's likelihood under these "
+                   "layouts, e.g. left,fim,block-w0,block-w16 (tridlm.eval.likelihood)")
     p.add_argument("--seed", type=int, default=0, help="which holes and errors (default 0)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per sandboxed test run")
     p.add_argument("--out", default="eval-out", help="output folder (default eval-out)")
@@ -46,8 +48,8 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-OPTIONS = ("tasks", "n", "stdlib_n", "revise_n", "methods", "settings", "max_length", "max_context", "seed",
-           "timeout")
+OPTIONS = ("tasks", "n", "stdlib_n", "revise_n", "methods", "settings", "max_length", "max_context", "nll",
+           "seed", "timeout")
 
 
 def command_line(args) -> str:
@@ -94,7 +96,8 @@ def run(args) -> int:
     infill = revise = None
     if args.which in ("infill", "all"):
         infill = suite.eval_infill(model, tasks, args.n, args.stdlib_n, methods, args.settings.split(","), args.seed,
-                                   args.max_length, args.timeout, log, args.max_context)
+                                   args.max_length, args.timeout, log, args.max_context,
+                                   [x for x in (args.nll or "").split(",") if x])
     if args.which in ("revise", "all"):
         revise = suite.eval_revise(model, args.revise_n, args.seed, log=log)
     md = suite.markdown(description, command_line(args), infill, revise, args.title)

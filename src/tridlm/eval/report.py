@@ -54,10 +54,24 @@ def cost_table(summary: list[dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def nll_table(nll: dict[str, list[dict]]) -> str:
+    kinds = list(nll)
+    layouts = list(dict.fromkeys(r["layout"] for rows in nll.values() for r in rows))
+    by = {(k, r["layout"]): r for k in kinds for r in nll[k]}
+    lines = ["| layout | " + " | ".join(f"{KIND_TITLES.get(k, k)} (n={nll[k][0]['tasks']})" for k in kinds) + " |",
+             "|" + "---|" * (1 + len(kinds))]
+    for lay in layouts:
+        cells = [f"{by[(k, lay)]['nll_per_token']:.3f}" if (k, lay) in by else "" for k in kinds]
+        lines.append(f"| {lay} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def revision_table(summary: list[dict]) -> str:
     lines = ["| setting | errors | tasks | planted | fixed | broken (of correct tokens) | re-masked: planted / all |",
              "|---|---|---|---|---|---|---|"]
-    for r in summary:
+    settings = list(dict.fromkeys(r["setting"] for r in summary))
+    order = {"replace": 0, "swap": 1, "all": 2}
+    for r in sorted(summary, key=lambda r: (settings.index(r["setting"]), order.get(r["kind"], 3))):
         lines.append(f"| {r['setting']} | {r['kind']} | {r['tasks']} | {r['planted']} | {r['fixed']} "
                      f"({_pct(r['fixed_rate'])}) | {r['broken']} of {r['correct_tokens']} "
                      f"({100 * r['broken_rate']:.1f}%) | {r['detected']} / {r['selected']} |")

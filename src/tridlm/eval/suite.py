@@ -54,7 +54,7 @@ def default_methods(model) -> list[str]:
 
 def eval_infill(model, tasks=INFILL_TASKS, n: int = 20, stdlib_n: int | None = None, methods=None,
                 settings=SETTINGS, seed: int = 0, max_length: int = 48, timeout_s: float = 10.0, log=print,
-                max_context: int | None = None) -> dict:
+                max_context: int | None = None, nll_layouts=()) -> dict:
     methods = list(methods or default_methods(model))
     all_tasks = []
     for kind in tasks:
@@ -64,8 +64,17 @@ def eval_infill(model, tasks=INFILL_TASKS, n: int = 20, stdlib_n: int | None = N
             all_tasks += humaneval_tasks(kind, n, seed)
     records = run_infill(model, all_tasks, methods, settings, max_length, Limits(timeout_s=timeout_s), log,
                          max_context)
-    return {"methods": methods, "settings": list(settings), "records": records_to_json(records),
-            "summary": summarise_infill(records)}
+    out = {"methods": methods, "settings": list(settings), "records": records_to_json(records),
+           "summary": summarise_infill(records)}
+    if nll_layouts:
+        from .likelihood import nll_table
+        from .runner import trim_context
+
+        out["nll"] = {}
+        for kind in dict.fromkeys(t.kind for t in all_tasks):
+            kt = [trim_context(t, model.tokenizer, max_context) for t in all_tasks if t.kind == kind]
+            out["nll"][kind] = nll_table(model, kt, list(nll_layouts))
+    return out
 
 
 def eval_revise(model, n: int = 30, seed: int = 0, settings=DEFAULT_REVISION_SETTINGS, log=print) -> dict:
@@ -92,6 +101,11 @@ def markdown(description: str, command: str, infill: dict | None, revise: dict |
             parts += ["Held-out stdlib functions, one line removed: exact match (stripped).", "",
                       report.infill_table(sl, methods, "exact_match"), ""]
         parts += ["Cost per hole-filling call:", "", report.cost_table(summ, methods), ""]
+        if infill.get("nll"):
+            parts += ["Negative log-likelihood of the true middle (nats per token; first hole) under each "
+                      "context layout: `left`/`fim` are causal chains, `block-wN` one masked pass over the "
+                      "block [last prefix token, masks, N suffix tokens]; compare left with fim and block-w0 with "
+                      "block-wN.", "", report.nll_table(infill["nll"]), ""]
     if revise:
         parts += ["Revision of held-out stdlib code with planted errors (a token replaced by another of the "
                   "file, or two adjacent tokens swapped): planted tokens restored, correct tokens broken.", "",

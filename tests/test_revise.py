@@ -100,7 +100,8 @@ def test_select_threshold_and_budget():
     assert select(scores, ReviseOptions(threshold=0.3), 5) == [1, 2, 3]
     assert select(scores, ReviseOptions(threshold=0.3, budget=2), 5) == [1, 3]
     assert select(scores, ReviseOptions(budget=0.4), 5) == [1, 3]
-    assert select(scores, ReviseOptions(), 5) == [1, 3]  # default threshold 0.1
+    assert select(scores, ReviseOptions(), 5) == [1]  # defaults: below 0.1, at most a tenth (at least one)
+    assert select(scores, ReviseOptions(), 20) == [1, 3]
     with pytest.raises(GenerationError):
         ReviseOptions(budget=-1).validate()
 
@@ -161,3 +162,14 @@ def test_revising_diffusion_without_rounds_is_plain_diffusion(temperature):
     row.mode = REVISING_DIFFUSION
     row.mode.start(row)
     assert run(model, row).output == plain
+
+
+def test_min_gain_keeps_old_tokens_the_model_barely_prefers_to_replace():
+    model = random_model(seed=7)
+    kw = dict(budget=1.0, rounds=1, window=4, context=2)
+    free = model.revise(TEXT, **kw)
+    strict = model.revise(TEXT, min_gain=1e6, **kw)
+    assert free.changes and strict.changes == [] and strict.ids == TEXT
+    assert strict.selected == free.selected  # the same tokens were re-masked and re-denoised
+    with pytest.raises(GenerationError):
+        model.revise(TEXT, min_gain=0.5)

@@ -169,13 +169,15 @@ def infill(model: TriModeLM, prefix=None, suffix=None, *, segments=None, length=
 
 def revise(model: TriModeLM, text, *, prefix="", suffix="", rounds: int = 1, threshold: float | None = None,
            budget: int | float | None = None, window: int | None = None, context: int | None = None,
-           groups: int = 2, drafter: bool | None = None, commit_threshold: float | None = None, tokenizer=None,
-           **params) -> RevisionResult:
+           groups: int = 2, min_gain: float = 1.0, drafter: bool | None = None, commit_threshold: float | None = None,
+           tokenizer=None, **params) -> RevisionResult:
     """Re-mask the tokens of `text` the model is least confident of and denoise them again, `rounds` times.
 
     prefix / suffix: context around `text`, read but never changed. threshold: re-mask tokens whose
     probability (masked, in context) is below it; budget: at most this many per round (an int, or a
-    fraction of the tokens); neither: threshold 0.1. budget=0 or rounds=0 returns `text` unchanged
+    fraction of the tokens); neither: below 0.1, at most a tenth of the tokens. min_gain: a re-denoised
+    token replaces the old one only if the model finds it that many times likelier in the same context
+    (1: always the denoiser's choice). budget=0 or rounds=0 returns `text` unchanged
     without running the model. window/context: tokens scored together and the right context they see
     (default: half the model's block size each). groups: masked copies per window (0: score visible).
     commit_threshold and params: the re-denoiser's sampler (`GenerationParams.threshold` and the rest).
@@ -191,7 +193,8 @@ def revise(model: TriModeLM, text, *, prefix="", suffix="", rounds: int = 1, thr
         drafter = getattr(model, "draft_adapter", None) is not None
     half = max(1, model.config.block_size // 2)
     opts = ReviseOptions(rounds=rounds, threshold=threshold, budget=budget, window=window or half,
-                         context=half if context is None else context, groups=groups, drafter=bool(drafter))
+                         context=half if context is None else context, groups=groups, min_gain=min_gain,
+                         drafter=bool(drafter))
     gp = _params("diffusion", dict(params, threshold=commit_threshold)).resolve(
         model.config, [len(pre) + len(body) + len(post)])
     allowed = [False] * len(pre) + [True] * len(body) + [False] * len(post)
@@ -251,12 +254,13 @@ def infill_row(prompt_ids, suffix_ids, params: GenerationParams, config, tokeniz
 def revise_row(text_ids, params: GenerationParams, config, tokenizer=None, seed=None, device=None, *,
                prefix_ids=(), suffix_ids=(), rounds: int = 1, threshold: float | None = None,
                budget: int | float | None = None, window: int | None = None, context: int | None = None,
-               groups: int = 2, drafter: bool = False) -> ReviseRow:
+               groups: int = 2, min_gain: float = 1.0, drafter: bool = False) -> ReviseRow:
     """The row of a revision request: its output (what streams, once) is the revised text; read the
     changes with `revision_body` once it has finished."""
     half = max(1, config.block_size // 2)
     opts = ReviseOptions(rounds=rounds, threshold=threshold, budget=budget, window=window or half,
-                         context=half if context is None else context, groups=groups, drafter=drafter)
+                         context=half if context is None else context, groups=groups, min_gain=min_gain,
+                         drafter=drafter)
     pre, body, post = list(prefix_ids), list(text_ids), list(suffix_ids)
     if not body:
         raise GenerationError("nothing to revise: the text is empty")

@@ -27,9 +27,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--budget", type=float, default=None,
                    help="tokens re-masked per round at most: a count, or a fraction below 1")
     p.add_argument("--mask-threshold", type=float, default=None,
-                   help="re-mask tokens whose probability is below this (default 0.1 without --budget)")
+                   help="re-mask tokens whose probability is below this (neither this nor --budget: below 0.1, "
+                        "at most a tenth of the tokens)")
     p.add_argument("--window", type=int, default=None, help="tokens scored together (default: half a block)")
     p.add_argument("--groups", type=int, default=2, help="masked copies per window (0: score tokens visible)")
+    p.add_argument("--min-gain", type=float, default=1.0, help="replace a token only if the new one is this many "
+                   "times likelier in the same context (default 1: always)")
     p.set_defaults(func=run)
 
 
@@ -44,7 +47,8 @@ def run(args) -> int:
     params = sampler_params(args)
     params["commit_threshold"] = params.pop("threshold")
     r = revise(model, text, prefix=args.prefix, suffix=args.suffix, rounds=args.rounds, budget=budget,
-               threshold=args.mask_threshold, window=args.window, groups=args.groups, **params)
+               threshold=args.mask_threshold, window=args.window, groups=args.groups, min_gain=args.min_gain,
+               **params)
     if args.json:
         print(json.dumps(r.to_dict()))
         return 0

@@ -41,6 +41,7 @@ class ReviseOptions:
     window: int = 16  # positions scored / re-denoised together (plus `context` after them)
     context: int = 8  # right context visible to a window
     groups: int = 2  # masked copies per window (0: score tokens visible, one copy)
+    min_gain: float = 1.0  # a new token replaces the old only if this many times likelier (1: always)
     drafter: bool = False  # switch a LoRA drafter on for the noisy copies
     max_forward_tokens: int = 2048  # split the scoring forward beyond this many tokens
 
@@ -54,6 +55,8 @@ class ReviseOptions:
             raise GenerationError(f"budget must be an integer >= 0 or a fraction in [0, 1], got {b!r}")
         if self.window < 1 or self.context < 0 or self.groups < 0:
             raise GenerationError("window must be >= 1, context and groups >= 0")
+        if self.min_gain < 1.0:
+            raise GenerationError(f"min_gain must be >= 1, got {self.min_gain!r}")
 
     def budget_for(self, n: int) -> int | None:
         b = self.budget
@@ -67,13 +70,17 @@ class ReviseOptions:
         return self.rounds == 0 or self.budget_for(1 << 30) == 0 or self.threshold == 0.0
 
 
+DEFAULT_THRESHOLD, DEFAULT_BUDGET = 0.1, 0.1
+
+
 def select(scores: dict[int, float], opts: ReviseOptions, n_allowed: int) -> list[int]:
     """Positions to re-mask: below the threshold (when set), at most the budget lowest (when set).
-    Neither set: the threshold defaults to 0.1."""
-    threshold = opts.threshold if opts.threshold is not None or opts.budget is not None else 0.1
+    Neither set: below 0.1, at most a tenth of the tokens (at least one)."""
+    threshold, b = opts.threshold, opts.budget_for(n_allowed)
+    if threshold is None and opts.budget is None:
+        threshold, b = DEFAULT_THRESHOLD, max(1, round(DEFAULT_BUDGET * n_allowed))
     cand = [(s, p) for p, s in scores.items() if threshold is None or s < threshold]
     cand.sort()
-    b = opts.budget_for(n_allowed)
     if b is not None:
         cand = cand[:b]
     return sorted(p for _, p in cand)
@@ -234,6 +241,19 @@ class ReviseRow(ScriptRow):
             i = j
         return scores
 
+    def _keep_unless_gain(self, block: torch.Tensor, masked: torch.Tensor, logits: torch.Tensor,
+                          old: list[int]) -> None:
+        """Tokens just committed at `masked` that the model finds less than `min_gain` times likelier than the
+        old token there, in the same context, go back to the old token."""
+        gain = self.options.min_gain
+        if gain <= 1.0:
+            return
+        probs = ban(logits, self.mask_id).softmax(-1)
+        for row, (i, o) in enumerate(zip(masked.tolist(), old, strict=True)):
+            new = int(block[i])
+            if new != self.mask_id and new != o and float(probs[row, new]) < gain * float(probs[row, o]):
+                block[i] = o
+
     def _redo(self, text: list[int], chosen: list[int], r0: int, r1: int) -> Script:
         dev = self.device
         todo = set(chosen)
@@ -254,6 +274,7 @@ class ReviseRow(ScriptRow):
                 logits = yield Plan(block, torch.arange(a, ce, device=dev), "block", False, masked,
                                     draft=self.options.drafter)
                 denoise_pass(self, block, masked, logits, passes)
+                self._keep_unless_gain(block, masked, logits, [text[a + int(i)] for i in masked])
                 passes += 1
             for p in mine:
                 text[p] = int(block[p - a])

@@ -169,8 +169,10 @@ class RevisionSetting:
 DEFAULT_REVISION_SETTINGS = (
     RevisionSetting("budget = planted, 1 round", budget="planted"),
     RevisionSetting("budget = planted, 2 rounds", rounds=2, budget="planted"),
-    RevisionSetting("threshold 0.05", threshold=0.05),
-    RevisionSetting("threshold 0.01", threshold=0.01),
+    RevisionSetting("budget = planted, min_gain 4", budget="planted", extra={"min_gain": 4.0}),
+    RevisionSetting("defaults (p < 0.1, at most 10%)"),
+    RevisionSetting("defaults, min_gain 4", extra={"min_gain": 4.0}),
+    RevisionSetting("threshold 0.01, min_gain 4", threshold=0.01, extra={"min_gain": 4.0}),
 )
 
 

@@ -1,4 +1,4 @@
-"""The infilling examples inside a training run (the trainer hook, as `FimTrainer` applies it)."""
+"""The infilling examples inside a training run (`objective.fim_rate` / `hole_rate`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import math
 import pytest
 from test_infill_support import one_thread  # noqa: F401  (fixture)
 
-from tridlm.eval.fim_training import FimTrainer, build_tokenizer, comparison_markdown
+from tridlm.eval.fim_training import build_tokenizer, comparison_markdown
 from tridlm.training.fim import FIM_MIDDLE, FIM_PREFIX, FimConfig
 from tridlm.training.quick import micro_recipe, write_micro_corpus
 from tridlm.training.recipe import load_recipe
+from tridlm.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,8 +24,9 @@ def test_mixed_batches_and_a_short_paired_run(tmp_path):
     for name, cfg in (("plain", FimConfig()), ("fim", FimConfig(fim_rate=1.0, hole_rate=1.0))):
         recipe = load_recipe(base=micro_recipe(data, tmp_path / name), overrides={
             "tokenizer.path": str(tmp_path / "tok"), "data.val_fraction": 0.25, "train.steps": 1, "eval.sequences": 4,
-            "eval.every": 0, "checkpoint.every": 0})
-        trainer = FimTrainer(recipe, cfg)
+            "eval.every": 0, "checkpoint.every": 0, "objective.fim_rate": cfg.fim_rate,
+            "objective.hole_rate": cfg.hole_rate})
+        trainer = Trainer(recipe)
         trainer.setup()
         ids, lm, c = trainer._micro_batches(0)[0]
         has_fim = (ids == mid).any(1)
@@ -43,3 +45,15 @@ def test_mixed_batches_and_a_short_paired_run(tmp_path):
         assert math.isfinite(val["ar_loss"]) and math.isfinite(val["diff_loss"])
     md = comparison_markdown(tmp_path, 1.0, 1.0)
     assert "AR cross-entropy" in md and "relative change" in md
+
+
+def test_fim_rate_without_fim_tokens_is_refused_before_training(tmp_path):
+    from tridlm.training.recipe import RecipeError
+
+    data = write_micro_corpus(tmp_path / "data", files=2, chars_per_file=2000)
+    recipe = load_recipe(base=micro_recipe(data, tmp_path / "run"), overrides={
+        "train.steps": 1, "eval.every": 0, "checkpoint.every": 0, "objective.fim_rate": 0.5})
+    trainer = Trainer(recipe)
+    with pytest.raises(RecipeError, match="fim_rate"):
+        trainer.setup()
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -77,15 +77,17 @@ def lora_parameters(model) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if ".lora_" in n}
 
 
-def save(model, folder) -> None:
-    """Write the adapter in peft's layout (a folder of its own, e.g. <checkpoint>/linear_spec_lora)."""
+def save(model, folder, dtype: torch.dtype | None = None) -> None:
+    """Write the adapter in peft's layout (a folder of its own, e.g. <checkpoint>/linear_spec_lora).
+
+    dtype: store the tensors in this type (bf16 halves a shipped adapter; loading casts back)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = dict(model.draft_adapter)
     cfg.update({"peft_type": "LORA", "bias": "none", "lora_dropout": 0.0, "task_type": None,
                 "inference_mode": True, "draft_only": True})
     tensors = {PEFT_PREFIX + n.replace(".lora_A", ".lora_A.weight").replace(".lora_B", ".lora_B.weight"):
-               p.detach().contiguous() for n, p in lora_parameters(model).items()}
+               p.detach().to(dtype or p.dtype).contiguous() for n, p in lora_parameters(model).items()}
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (folder / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))
 

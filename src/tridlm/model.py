@@ -230,7 +230,7 @@ class TriModeLM(nn.Module):
         cos, sin, q_scale = self._rope(positions, x.dtype)
         ctx = self._attention_context(B, T, pattern, block_size, cache, write_cache, valid, dev)
         if self._draft_gate is not None:
-            self._draft_gate.value = self._draft_gate_value(draft, pattern, B, T, x.dtype)
+            self._draft_gate.value = self._draft_gate_value(draft, pattern, B, T, x.dtype, dev)
         try:
             for i, layer in enumerate(self.encoder.layers):
                 x = layer(x, cos, sin, q_scale, i, ctx)
@@ -247,12 +247,12 @@ class TriModeLM(nn.Module):
         return self.diffusion_head(x)
 
     @staticmethod
-    def _draft_gate_value(draft, pattern, B, T, dtype):
+    def _draft_gate_value(draft, pattern, B, T, dtype, device):
         if draft is None:
             if isinstance(pattern, str) and pattern == "block":
                 return "all"
             if isinstance(pattern, str) and pattern == "dual":
-                draft = torch.zeros(B, T, dtype=torch.bool)
+                draft = torch.zeros(B, T, dtype=torch.bool, device=device)
                 draft[:, : T // 2] = True
             else:
                 return None
@@ -262,7 +262,7 @@ class TriModeLM(nn.Module):
             return "all"
         if not bool(draft.any()):
             return None
-        return draft.to(dtype)[..., None]
+        return draft.to(device=device, dtype=dtype)[..., None]
 
     def _attention_context(self, B, T, pattern, block_size, cache, write, valid, dev) -> _AttnContext:
         nm = new_token_mask(pattern, T, block_size, dev)

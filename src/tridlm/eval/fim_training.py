@@ -4,8 +4,9 @@ Two runs differ only in `FimConfig` (same recipe, seed, tokenizer, data order an
 one with FIM-ordered rows and hole noise mixed in. Both are validated on the same plain held-out rows,
 so the relative change of the held-out AR and diffusion losses is the cost of the mix.
 
-`FimTrainer` applies `tridlm.training.fim.transform_batch` where the trainer's micro-batches are made
-(the hook the trainer needs): after the sampler's rows and the noise are drawn, before corruption.
+The mix is the recipe's `objective.fim_rate` / `objective.hole_rate`: the trainer applies
+`tridlm.training.fim.transform_batch` where its micro-batches are made, after the sampler's rows and the
+noise are drawn, before corruption.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..training.fim import FimConfig, add_fim_tokens, fim_tokens, transform_batch
-from ..training.objective import corrupt, draw_noise
-from ..training.trainer import Trainer
+from ..training.fim import FimConfig, add_fim_tokens
+from ..training.trainer import train
 
 RECIPE = {
     "seed": 0,
@@ -30,42 +30,6 @@ RECIPE = {
     "checkpoint": {"every": 0, "keep": 1},
     "log": {"progress": False, "plot": False},
 }
-
-
-class FimTrainer(Trainer):
-    """The trainer with infilling examples mixed into its micro-batches."""
-
-    def __init__(self, recipe, fim: FimConfig):
-        super().__init__(recipe)
-        self.fim = fim
-
-    def run_all(self):
-        from ..training import distributed
-
-        try:
-            self.setup()
-            return self.run()
-        finally:
-            if getattr(self, "d", None) is not None:
-                distributed.teardown(self.d)
-
-    def _micro_batches(self, step: int):
-        r, d = self.r, self.d
-        mb = r.train.micro_batch
-        accum = r.train.global_batch // (mb * d.world)
-        base = self.samples_seen + d.rank * accum * mb
-        tokens = fim_tokens(self.tokenizer)
-        out = []
-        for m in range(accum):
-            idx = list(range(base + m * mb, base + (m + 1) * mb))
-            ids, lm = self.order.batch(idx)
-            noise = draw_noise(r.seed, step, idx, ids.shape[1]) if r.objective.alpha > 0 else None
-            ids, lm, noise = transform_batch(ids, lm, noise, self.fim, tokens, self.tokenizer.eos_id,
-                                             self.block_size, r.seed, step, idx)
-            ids, lm = ids.to(d.device), lm.to(d.device)
-            c = corrupt(ids, lm, noise, self.config.mask_token_id, r.objective.eps) if noise is not None else None
-            out.append((ids, lm, c))
-        return out
 
 
 def build_tokenizer(folder: Path, vocab_size: int = 4096, sources=("stdlib",), val_fraction: float = 0.02):
@@ -95,8 +59,9 @@ def run_pair(out: Path, steps: int, fim_rate: float, hole_rate: float, threads: 
         cfg = FimConfig() if name == "plain" else FimConfig(fim_rate=fim_rate, hole_rate=hole_rate)
         recipe = load_recipe(base=RECIPE, overrides={
             "out_dir": str(out / name), "tokenizer.path": str(out / "tokenizer"), "train.steps": steps,
-            "train.threads": threads, "data.cache_dir": str(out / "data")})
-        result = FimTrainer(recipe, cfg).run_all()
+            "train.threads": threads, "data.cache_dir": str(out / "data"),
+            "objective.fim_rate": cfg.fim_rate, "objective.hole_rate": cfg.hole_rate})
+        result = train(recipe)
         val = [h for h in result.history if h.get("kind") == "val"][-1]
         results[name] = {"fim": cfg.__dict__, "model": str(result.final_model), **val}
         (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -138,13 +103,24 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", choices=("plain", "fim"), default=None)
     ap.add_argument("--report", action="store_true", help="only compare two finished runs")
+    ap.add_argument("--bench-md", default=None, metavar="PATH", help="also put the comparison in PATH's "
+                    "'Infilling and revision' section")
     a = ap.parse_args(argv)
     if not a.report:
         res = run_pair(a.out, a.steps, a.fim_rate, a.hole_rate, a.threads,
                        (a.only,) if a.only else ("plain", "fim"))
         print(json.dumps(res, indent=2))
     if a.report or not a.only:
-        print(comparison_markdown(a.out, a.fim_rate, a.hole_rate))
+        md = comparison_markdown(a.out, a.fim_rate, a.hole_rate)
+        print(md)
+        if a.bench_md:
+            from .report import update_section
+
+            cmd = (f"python -m tridlm.eval.fim_training OUT --steps {a.steps} --fim-rate {a.fim_rate} "
+                   f"--hole-rate {a.hole_rate}")
+            update_section(a.bench_md, "training-mix", f"### Training with infilling examples\n\nCommand: `{cmd}` "
+                           f"(the recipe `tridlm.eval.fim_training.RECIPE`: a 3-layer model trained from scratch on "
+                           f"the stdlib, block size 16, rows of 256 tokens).\n\n{md}")
 
 
 if __name__ == "__main__":

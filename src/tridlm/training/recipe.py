@@ -62,6 +62,10 @@ class ObjectiveSection:
     # masked positions; the causal teacher is the same forward's clean stream, detached. It trains the
     # drafts toward what the verifier will accept.
     distill: float = 0.0
+    # infilling examples (tridlm.training.fim): rows rewritten in FIM order, and rows whose diffusion
+    # mask is one contiguous hole per block -- what the infiller and the block denoiser meet at run time
+    fim_rate: float = 0.0
+    hole_rate: float = 0.0
 
 
 @dataclass
@@ -318,6 +322,9 @@ def validate(r: Recipe) -> None:
     _require(0 <= t.min_lr <= t.lr, "train.min_lr", f"must be in [0, train.lr], got {t.min_lr}")
     _require(r.objective.alpha >= 0, "objective.alpha", f"must be >= 0, got {r.objective.alpha}")
     _require(0 < r.objective.eps < 1, "objective.eps", f"must be in (0, 1), got {r.objective.eps}")
+    for name in ("fim_rate", "hole_rate"):
+        v = getattr(r.objective, name)
+        _require(0 <= v <= 1, f"objective.{name}", f"is a fraction of rows: must be in [0, 1], got {v}")
     _require(r.data.seq_len >= 2, "data.seq_len", f"must be >= 2, got {r.data.seq_len}")
     _require(0 <= r.data.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {r.data.val_fraction}")
     _require(len(r.data.sources) > 0, "data.sources", "needs at least one source")

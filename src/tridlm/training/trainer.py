@@ -34,6 +34,7 @@ from ..tokenizer import Tokenizer
 from . import distributed, state
 from .bpe import train_bpe
 from .corpora import resolve_source, split_documents
+from .fim import FimConfig, fim_tokens, transform_batch
 from .metrics import MetricsLog, plot_losses
 from .objective import LossSums, contributing_tokens, corrupt, draw_noise, joint_loss_sums
 from .packing import build_split, open_split
@@ -213,6 +214,12 @@ class Trainer:
         self.base_model = self._build_model(resume_from)
         self.config = self.base_model.config
         self.block_size = r.objective.block_size or self.config.block_size
+        self.fim = FimConfig(r.objective.fim_rate, r.objective.hole_rate)
+        self.fim_tokens = fim_tokens(self.tokenizer)
+        if self.fim.fim_rate > 0 and self.fim_tokens is None:
+            raise RecipeError("objective.fim_rate > 0 needs the tokens <fim_prefix>, <fim_suffix>, <fim_middle> in "
+                              "the tokenizer, which has none of them: set objective.fim_rate: 0 or use a tokenizer "
+                              "that has them (tridlm.training.fim.add_fim_tokens)")
         self.model = self._wrap(self.base_model)
         self.opt = self._optimizer()
         self.step, self.samples_seen = 0, 0
@@ -256,10 +263,13 @@ class Trainer:
         for m in range(accum):
             idx = list(range(base + m * mb, base + (m + 1) * mb))
             ids, lm = self.order.batch(idx)
+            noise = draw_noise(r.seed, step, idx, ids.shape[1]) if r.objective.alpha > 0 else None
+            if self.fim.enabled:
+                ids, lm, noise = transform_batch(ids, lm, noise, self.fim, self.fim_tokens, self.tokenizer.eos_id,
+                                                 self.block_size, r.seed, step, idx)
             ids, lm = ids.to(d.device), lm.to(d.device)
             c = None
-            if r.objective.alpha > 0:
-                noise = draw_noise(r.seed, step, idx, ids.shape[1])
+            if noise is not None:
                 c = corrupt(ids, lm, noise, self.config.mask_token_id, r.objective.eps)
             out.append((ids, lm, c))
         return out

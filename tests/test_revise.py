@@ -173,3 +173,18 @@ def test_min_gain_keeps_old_tokens_the_model_barely_prefers_to_replace():
     assert strict.selected == free.selected  # the same tokens were re-masked and re-denoised
     with pytest.raises(GenerationError):
         model.revise(TEXT, min_gain=0.5)
+
+
+def test_generate_takes_revise_rounds_as_a_diffusion_option():
+    from tridlm.decoding import GenerationError
+
+    model = random_model(seed=5)
+    kw = dict(max_new_tokens=12, block_length=4, ignore_eos=True, temperature=1.0, seed=3)
+    via_generate = model.generate([5, 6, 7], "diffusion", revise_rounds=2, revise_budget=2, **kw)
+    assert via_generate.ids == generate_revised(model, [5, 6, 7], revise_rounds=2, revise_budget=2, **kw).ids
+    assert model.generate([5, 6, 7], "diffusion", revise_rounds=0, **kw).ids == model.generate(
+        [5, 6, 7], "diffusion", **kw).ids
+    with pytest.raises(GenerationError, match="diffusion"):
+        model.generate([5, 6, 7], "ar", revise_rounds=1, max_new_tokens=4)
+    with pytest.raises(GenerationError, match="budget"):
+        model.generate([5, 6, 7], "diffusion", revise_rounds=1, revise_budget=-1, max_new_tokens=4)

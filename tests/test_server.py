@@ -377,3 +377,43 @@ def test_serve_builds_the_app_from_a_folder(tiny_trained):
     app, name = build_app(args)
     assert name == folder.name
     assert app.state.config.limits.default_mode == "spec" and app.state.engine.config.max_running == 2
+
+
+# -- infilling and revision over HTTP -----------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_completion_with_a_suffix_is_the_infill_middle(live, client, mode):
+    from tridlm.infill import infill
+
+    server, model = live
+    prompt, suffix = "The cat sat", " on the mat."
+    r = client.completions.create(model=NAME, prompt=prompt, suffix=suffix, max_tokens=6, temperature=0,
+                                  extra_body={"mode": mode, "block_length": 4})
+    direct = infill(model, prompt, suffix, max_length=6, mode=mode, block_length=4)
+    assert r.choices[0].text == direct.fills[0]
+    assert r.choices[0].finish_reason == {"eos": "stop"}.get(direct.finish_reason, direct.finish_reason)
+
+
+def test_revise_endpoint_equals_model_revise(live, http):
+    from tridlm.infill import revise
+
+    server, model = live
+    body = {"text": " to be or not to be", "prefix": "Hamlet said", "suffix": ".", "rounds": 2, "budget": 2}
+    r = post(http, "/v1/revise", body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    direct = revise(model, body["text"], prefix=body["prefix"], suffix=body["suffix"], rounds=2, budget=2)
+    assert out["object"] == "revision" and out["text"] == direct.text
+    assert [c["position"] for c in out["changes"]] == [c.position for c in direct.changes]
+    zero = post(http, "/v1/revise", {**body, "budget": 0}).json()
+    assert zero["text"] == body["text"] and zero["changes"] == []
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"text": ""}, "text"), ({"text": "x", "rounds": -1}, "rounds"), ({"text": "x", "threshold": 2}, "threshold"),
+    ({"text": "x", "budget": -3}, "budget"), ({"text": "x", "stepz": 1}, "stepz"),
+    ({"text": "x " * 2000}, "text"),
+])
+def test_bad_revise_requests(http, body, param):
+    r = post(http, "/v1/revise", body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

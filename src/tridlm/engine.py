@@ -279,8 +279,11 @@ class Engine:
         return c.auto_light
 
     def submit(self, prompts: list[list[int]], params: GenerationParams, n: int = 1,
-               loop: asyncio.AbstractEventLoop | None = None) -> Request:
+               loop: asyncio.AbstractEventLoop | None = None, build_row=None) -> Request:
         """Validate and queue one request: len(prompts) x n rows, row i seeded with params.seed + i.
+
+        build_row(prompt, params, seed) -> Row makes the rows of requests that are not plain
+        continuations (an infill with a suffix, a revision); by default each row continues its prompt.
 
         Raises GenerationError (bad parameters or prompt), QueueFull, or EngineClosed; never blocks.
         """
@@ -302,10 +305,10 @@ class Engine:
         if auto_block and self._auto_block is not None:
             block, auto_block = self._auto_block, False
         params = params.replace(mode=mode)
-        rows = self._rows(prompts, params.replace(block_length=block), n)  # validates before anything queues
+        rows = self._rows(prompts, params.replace(block_length=block), n, build_row)  # validates before queueing
         req = Request(self, rows, mode, AUTO if auto_block else block, auto_mode, loop)
         if auto_block:  # rebuilt with the resolved block length on admission (steps default to it)
-            req._remake = lambda b: self._rows(prompts, params.replace(block_length=b), n)
+            req._remake = lambda b: self._rows(prompts, params.replace(block_length=b), n, build_row)
         with self._cond:
             if self._closing or self._dead:
                 raise EngineClosed(self._dead or "the engine is shut down")
@@ -322,12 +325,15 @@ class Engine:
             self._cond.notify_all()
         return req
 
-    def _rows(self, prompts, params: GenerationParams, n: int) -> list[Row]:
+    def _rows(self, prompts, params: GenerationParams, n: int, build_row=None) -> list[Row]:
         rows = []
         for i in range(len(prompts) * n):
             seed = None if params.seed is None else params.seed + i
-            rows.append(Row(prompts[i // n], params, self.model.config, self.tokenizer, seed=seed,
-                            device=self.model.device))
+            if build_row is not None:
+                rows.append(build_row(prompts[i // n], params, seed))
+            else:
+                rows.append(Row(prompts[i // n], params, self.model.config, self.tokenizer, seed=seed,
+                                device=self.model.device))
         return rows
 
     def _cancel(self, req: Request) -> None:

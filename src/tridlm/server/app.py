@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP front: `create_app(model)` -> a FastAPI app over one `Engine`.
 
     GET  /v1/models            the served model
-    POST /v1/completions       text or token-id prompts
+    POST /v1/completions       text or token-id prompts; with `suffix`, the completion is the middle
     POST /v1/chat/completions  messages rendered with the chat template
+    POST /v1/revise            re-denoise the least certain tokens of a text; says which tokens changed
     GET  /health               liveness and load
     GET  /metrics              Prometheus text
 
@@ -25,14 +26,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
-from ..decoding import GenerationError
+from ..decoding import GenerationError, GenerationParams
 from ..decoding.params import MODES
 from ..engine import AUTO, Delta, Engine, EngineClosed, EngineConfig, Failed, Finished, QueueFull
+from ..infill import infill_row, revise_row, revision_body
 from . import errors, prometheus
 from .errors import APIError, from_validation_error, invalid
 from .openai_format import Formatter, sse, usage
 from .prompts import Limits, chat_prompt, completion_prompts, generation_params
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .schemas import ChatCompletionRequest, CompletionRequest, RevisionRequest
 
 
 @dataclass
@@ -77,7 +79,7 @@ def parse(model: type[BaseModel], data: dict):
 class _HTTPStatsMiddleware:
     """Counts every response by endpoint and status, timing streams until their last byte."""
 
-    KNOWN = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+    KNOWN = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/revise", "/health", "/metrics")
 
     def __init__(self, app, stats: prometheus.HTTPStats):
         self.app, self.stats = app, stats
@@ -149,9 +151,9 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
             raise APIError(404, f"model {name!r} does not exist; this server serves {config.model_name!r}",
                            "model", code="model_not_found")
 
-    def submit(prompts: list[list[int]], params, n: int):
+    def submit(prompts: list[list[int]], params, n: int, build_row=None):
         try:
-            return engine.submit(prompts, params, n=n, loop=asyncio.get_running_loop())
+            return engine.submit(prompts, params, n=n, loop=asyncio.get_running_loop(), build_row=build_row)
         except GenerationError as e:
             raise invalid(str(e)) from None
         except QueueFull as e:
@@ -159,8 +161,8 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
         except EngineClosed as e:
             raise APIError(503, str(e)) from None
 
-    async def run(request: Request, body, prompts, params, chat: bool):
-        req = submit(prompts, params, body.n or 1)
+    async def run(request: Request, body, prompts, params, chat: bool, build_row=None):
+        req = submit(prompts, params, body.n or 1, build_row)
         fmt = Formatter(chat, config.model_name, req.mode)
         lengths = [len(p) for p in prompts]
         if body.stream:
@@ -171,6 +173,11 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
             return StreamingResponse(_stream(req, fmt, lengths, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(cancel))
+        texts, reasons, metrics = await collect(request, req)
+        return JSONResponse(fmt.response(texts, reasons, usage(lengths, metrics, req.mode, req.block_length)))
+
+    async def collect(request: Request, req):
+        """Wait for a request's rows to finish (cancelling it if the client leaves): texts, reasons, metrics."""
         watch = asyncio.create_task(_cancel_on_disconnect(request, req))
         try:
             texts, reasons, metrics = [""] * len(req.rows), [""] * len(req.rows), [None] * len(req.rows)
@@ -185,7 +192,7 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
             watch.cancel()
             if not req.done:
                 req.cancel()
-        return JSONResponse(fmt.response(texts, reasons, usage(lengths, metrics, req.mode, req.block_length)))
+        return texts, reasons, metrics
 
     async def _stream(req, fmt: Formatter, lengths: list[int], include_usage: bool):
         try:
@@ -237,6 +244,8 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
             "id": config.model_name, "object": "model", "created": int(started), "owned_by": "tridlm",
             "max_model_len": cfg.max_position_embeddings, "modes": [*MODES, AUTO]}]}
 
+    has_drafter = getattr(model, "draft_adapter", None) is not None  # as model.infill / model.revise decide
+
     @app.post("/v1/completions", dependencies=[Depends(check_api_key)])
     async def completions(request: Request):
         body = parse(CompletionRequest, await read_json(request, config.max_body_bytes))
@@ -244,7 +253,44 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
         max_tokens = body.max_tokens or limits.default_max_tokens
         params = generation_params(body, limits, max_tokens)
         prompts = completion_prompts(body, tokenizer, model.config, limits)
-        return await run(request, body, prompts, params, chat=False)
+        build_row = None
+        if body.suffix:
+            if tokenizer is None:
+                raise invalid("suffix needs a tokenizer; this server has none", "suffix")
+            suffix_ids = tokenizer.encode(body.suffix, add_special_tokens=False)
+
+            def build_row(prompt, params, seed):
+                return infill_row(prompt, suffix_ids, params, model.config, tokenizer, seed=seed, device=model.device,
+                                  drafter=has_drafter)
+
+        return await run(request, body, prompts, params, chat=False, build_row=build_row)
+
+    @app.post("/v1/revise", dependencies=[Depends(check_api_key)])
+    async def revise(request: Request):
+        body = parse(RevisionRequest, await read_json(request, config.max_body_bytes))
+        check_model(body.model)
+        if tokenizer is None:
+            raise invalid("revision needs a tokenizer; this server has none", "text")
+        enc = lambda t: tokenizer.encode(t, add_special_tokens=False) if t else []  # noqa: E731
+        text_ids, prefix_ids, suffix_ids = enc(body.text), enc(body.prefix), enc(body.suffix)
+        total = len(prefix_ids) + len(text_ids) + len(suffix_ids)
+        if total > model.config.max_position_embeddings:
+            raise invalid(f"prefix + text + suffix hold {total} tokens, more than the model's context window of "
+                          f"{model.config.max_position_embeddings}", "text")
+        params = GenerationParams(mode="diffusion", max_new_tokens=max(1, len(text_ids)), temperature=body.temperature,
+                                  seed=body.seed)
+
+        def build_row(prompt, params, seed):
+            return revise_row(text_ids, params, model.config, tokenizer, seed=seed, device=model.device,
+                              prefix_ids=prefix_ids, suffix_ids=suffix_ids, rounds=body.rounds,
+                              threshold=body.threshold, budget=body.budget, min_gain=body.min_gain,
+                              drafter=has_drafter)
+
+        req = submit([text_ids], params, 1, build_row)
+        await collect(request, req)
+        out = revision_body(req.rows[0], tokenizer)
+        return JSONResponse({"id": f"rev-{int(time.time() * 1000)}", "model": config.model_name,
+                             "created": int(time.time()), **out})
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_api_key)])
     async def chat_completions(request: Request):

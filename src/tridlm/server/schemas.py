@@ -68,7 +68,7 @@ class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = None
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: str | None = None  # text after the completion: the completion becomes the middle between them
 
     @model_validator(mode="after")
     def _unsupported(self):
@@ -76,8 +76,6 @@ class CompletionRequest(_Common):
             raise ValueError("echo is not supported")
         if self.best_of not in (None, 1, self.n or 1):
             raise ValueError("best_of is not supported")
-        if self.suffix:
-            raise ValueError("suffix is not supported")
         return self
 
 
@@ -118,3 +116,22 @@ class ChatCompletionRequest(_Common):
         if self.top_logprobs:
             raise ValueError("top_logprobs is not supported")
         return self
+
+
+class RevisionRequest(BaseModel):
+    """POST /v1/revise: re-mask the tokens of `text` the model is least sure of and re-denoise them with
+    `prefix` and `suffix` as context that is never changed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    text: str = Field(min_length=1)
+    prefix: str = ""
+    suffix: str = ""
+    rounds: int = Field(default=1, ge=0, le=16)
+    threshold: float | None = Field(default=None, gt=0.0, le=1.0)  # re-mask tokens whose probability is below it
+    budget: int | float | None = Field(default=None, ge=0)  # tokens re-masked per round: a count, or a fraction < 1
+    min_gain: float = Field(default=1.0, ge=1.0)  # a new token must be this many times likelier than the old one
+    temperature: float = Field(default=0.0, ge=0.0)
+    seed: int | None = None
+    user: str | None = None

@@ -1,7 +1,7 @@
 """Infill and revise rows in the serving engine (what a `suffix` on /v1/completions and /v1/revise run).
 
-The engine builds plain rows today; these tests hand it ours through its row builder, as the server
-hook will, and check what a client would receive."""
+The server hands the engine these rows through `submit(build_row=...)`; these tests do the same and
+check what a client would receive."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def serve(model, build):
     engine = Engine(model, model.tokenizer)
-    engine._rows = lambda prompts, params, n: [build(p, params) for p in prompts]
     try:
-        req = engine.submit([[5, 6]], GenerationParams(mode="diffusion", max_new_tokens=6, block_length=4))
+        req = engine.submit([[5, 6]], GenerationParams(mode="diffusion", max_new_tokens=6, block_length=4),
+                            build_row=lambda prompt, params, seed: build(prompt, params))
         text, reason = "", None
         for ev in req.iter_events(timeout=60):
             if isinstance(ev, Delta):

@@ -176,3 +176,12 @@ def test_stop_strings_may_count_only_after_the_first_characters():
         assert row._stopped(ids) and row._cut(ids, 48) == (tok.encode(expect), "stop")
     r = model.infill("x = 0", "\nz = 3\n", max_length=8, stop=["\n"], stop_after=1, method="left", mode="ar")
     assert "\n" not in r.middle[1:] and r.text.endswith("\nz = 3\n")
+
+
+def test_a_seed_makes_sampled_infilling_and_revision_repeatable():
+    model = text_model(seed=4)
+    fills = [model.infill("def f(x):\n    return ", "\n", max_length=8, mode="ar", method="rank", seed=11,
+                          temperature=1.0).fill_ids for _ in range(2)]
+    assert fills[0] == fills[1]
+    revised = [model.revise("return x + 1", budget=3, temperature=1.0, seed=5).ids for _ in range(2)]
+    assert revised[0] == revised[1]

@@ -43,7 +43,7 @@ def test_a_completion_with_a_suffix_streams_the_middle(mode):
         return infill_row(prompt, suffix, params.replace(mode=mode, stop=("\n",)), model.config, tok, seed=0)
 
     req, text, reason = serve(model, build)
-    direct = infill(model, prompt, suffix, max_length=6, stop=["\n"], mode=mode, block_length=4)
+    direct = infill(model, prompt, suffix, max_length=6, stop=["\n"], mode=mode, block_length=4, seed=0)
     assert text == tok.decode(direct.fill_ids[0]) and reason == direct.finish_reason
     assert "\n" not in text
 

@@ -10,7 +10,6 @@ from test_infill_support import one_thread, text_model  # noqa: F401  (fixture)
 import tridlm.infill  # noqa: F401  (attaches model.revise)
 from tridlm.decoding import DecodeBatch, GenerationError, GenerationParams, Row
 from tridlm.decoding.revise import ReviseOptions, ReviseRow, Window, copies_plan, revising_row, select, token_scores
-from tridlm.infill import generate_revised
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,9 +131,9 @@ def test_revise_rounds_in_diffusion_generation():
     model = random_model(seed=5)
     kw = dict(max_new_tokens=16, block_length=4, ignore_eos=True, temperature=1.0, seed=3)
     plain = model.generate([5, 6, 7], "diffusion", **kw).ids
-    assert generate_revised(model, [5, 6, 7], revise_rounds=0, **kw).ids == plain
-    assert generate_revised(model, [5, 6, 7], revise_rounds=2, revise_budget=0, **kw).ids == plain
-    revised = generate_revised(model, [5, 6, 7], revise_rounds=2, revise_budget=2, **kw)
+    assert model.generate([5, 6, 7], "diffusion", revise_rounds=0, **kw).ids == plain
+    assert model.generate([5, 6, 7], "diffusion", revise_rounds=2, revise_budget=0, **kw).ids == plain
+    revised = model.generate([5, 6, 7], "diffusion", revise_rounds=2, revise_budget=2, **kw)
     assert len(revised.ids) == 16 and model.config.mask_token_id not in revised.ids
     assert revised.ids != plain  # re-drawing tokens at temperature 1 changes some
     assert revised.ids[:1] == plain[:1]  # the first block's seed is AR's: never revised
@@ -175,15 +174,8 @@ def test_min_gain_keeps_old_tokens_the_model_barely_prefers_to_replace():
         model.revise(TEXT, min_gain=0.5)
 
 
-def test_generate_takes_revise_rounds_as_a_diffusion_option():
-    from tridlm.decoding import GenerationError
-
+def test_revise_rounds_are_refused_outside_diffusion_and_checked_before_any_forward():
     model = random_model(seed=5)
-    kw = dict(max_new_tokens=12, block_length=4, ignore_eos=True, temperature=1.0, seed=3)
-    via_generate = model.generate([5, 6, 7], "diffusion", revise_rounds=2, revise_budget=2, **kw)
-    assert via_generate.ids == generate_revised(model, [5, 6, 7], revise_rounds=2, revise_budget=2, **kw).ids
-    assert model.generate([5, 6, 7], "diffusion", revise_rounds=0, **kw).ids == model.generate(
-        [5, 6, 7], "diffusion", **kw).ids
     with pytest.raises(GenerationError, match="diffusion"):
         model.generate([5, 6, 7], "ar", revise_rounds=1, max_new_tokens=4)
     with pytest.raises(GenerationError, match="budget"):

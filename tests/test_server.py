@@ -386,9 +386,9 @@ def test_completion_with_a_suffix_is_the_infill_middle(live, client, mode):
 
     server, model = live
     prompt, suffix = "The cat sat", " on the mat."
-    r = client.completions.create(model=NAME, prompt=prompt, suffix=suffix, max_tokens=6, temperature=0,
+    r = client.completions.create(model=NAME, prompt=prompt, suffix=suffix, max_tokens=6, temperature=0, seed=7,
                                   extra_body={"mode": mode, "block_length": 4})
-    direct = infill(model, prompt, suffix, max_length=6, mode=mode, block_length=4)
+    direct = infill(model, prompt, suffix, max_length=6, mode=mode, block_length=4, seed=7)
     assert r.choices[0].text == direct.fills[0]
     assert r.choices[0].finish_reason == {"eos": "stop"}.get(direct.finish_reason, direct.finish_reason)
 

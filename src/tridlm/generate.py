@@ -157,15 +157,16 @@ def generate(model: TriModeLM, prompt, mode: str = "ar", *, tokenizer=None, stre
         "auto": measured cost and acceptance profiles pick it, see tridlm.bench.cost_profile),
         threshold (diffusion 0.9, spec 0 = one-pass draft), steps (default block_length),
         selection_policy="confidence_threshold" | "low_confidence" | "margin" | "entropy" | "leftmost".
-    revise_rounds / revise_threshold / revise_budget (diffusion only): after a block is filled and
-        before it is committed, re-mask its least certain tokens and denoise them again, that many
-        rounds (see `tridlm.infill.revise`); 0 (default) is plain diffusion.
+    revise_rounds / revise_threshold / revise_budget / revise_groups (diffusion only): after a block is
+        filled and before it is committed, re-mask its least certain tokens and denoise them again, that
+        many rounds (see `tridlm.infill.revise`); 0 (default) is plain diffusion.
     Returns a `GenerationResult` (`.text`, `.ids`, `.metrics`, `.rows`), or with stream=True a
     `GenerationStream` of `TextChunk`s whose `.result` is set at the end.
     Raises `GenerationError` (a ValueError) for invalid parameters or prompts, before any forward.
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    revision = {k: params.pop(k) for k in ("revise_rounds", "revise_threshold", "revise_budget") if k in params}
+    revision = {k: params.pop(k) for k in ("revise_rounds", "revise_threshold", "revise_budget", "revise_groups")
+                if k in params}
     auto_block = params.get("block_length") == "auto"
     if auto_block:  # validate everything with a stand-in first: no forward runs on bad input
         params["block_length"] = 1
@@ -183,7 +184,8 @@ def generate(model: TriModeLM, prompt, mode: str = "ar", *, tokenizer=None, stre
         from .decoding.revise import ReviseOptions, revising_row
 
         opts = ReviseOptions(rounds=revision["revise_rounds"], threshold=revision.get("revise_threshold"),
-                             budget=revision.get("revise_budget"), drafter=True)
+                             budget=revision.get("revise_budget"), groups=revision.get("revise_groups", 2),
+                             drafter=True)  # the diffusion mode's own weights: a LoRA drafter on for the block
 
         def make_row(p, gp, config, tokenizer, seed, device):
             return revising_row(p, gp, config, tokenizer, seed=seed, device=device, options=opts)

@@ -18,7 +18,7 @@ import torch
 
 from .decoding import DecodeBatch, GenerationError, GenerationParams, RowMetrics
 from .decoding.infill import METHODS, InfillOptions, InfillRow
-from .decoding.revise import Change, ReviseOptions, ReviseRow, revising_row
+from .decoding.revise import Change, ReviseOptions, ReviseRow
 from .model import TriModeLM
 from .training.fim import fim_tokens
 
@@ -187,18 +187,12 @@ def revise(model: TriModeLM, text, *, prefix="", suffix="", rounds: int = 1, thr
     if not isinstance(text, str):
         parts = [p if not isinstance(p, str) or p else [] for p in parts]
     (pre, body, post), is_text = _encode(parts, tokenizer)
-    if not body:
-        raise GenerationError("nothing to revise: the text is empty")
     if drafter is None:
         drafter = getattr(model, "draft_adapter", None) is not None
-    half = max(1, model.config.block_size // 2)
-    opts = ReviseOptions(rounds=rounds, threshold=threshold, budget=budget, window=window or half,
-                         context=half if context is None else context, groups=groups, min_gain=min_gain,
-                         drafter=bool(drafter))
-    gp = _params("diffusion", dict(params, threshold=commit_threshold)).resolve(
-        model.config, [len(pre) + len(body) + len(post)])
-    allowed = [False] * len(pre) + [True] * len(body) + [False] * len(post)
-    row = ReviseRow(pre + body + post, allowed, gp, model.config, tokenizer, device=model.device, options=opts)
+    gp = _params("diffusion", dict(params, threshold=commit_threshold))
+    row = revise_row(body, gp, model.config, tokenizer, device=model.device, prefix_ids=pre, suffix_ids=post,
+                     rounds=rounds, threshold=threshold, budget=budget, window=window, context=context,
+                     groups=groups, min_gain=min_gain, drafter=bool(drafter))
     if not row.finished:
         _run(model, row)
     new = row.revised[len(pre):len(pre) + len(body)]
@@ -212,27 +206,6 @@ def revise(model: TriModeLM, text, *, prefix="", suffix="", rounds: int = 1, thr
 
 def _token_change(c: Change, offset: int, dec) -> TokenChange:
     return TokenChange(c.position - offset, dec([c.old]), dec([c.new]), c.old, c.new, c.round)
-
-
-def generate_revised(model: TriModeLM, prompt, *, revise_rounds: int = 1, revise_threshold: float | None = None,
-                     revise_budget: int | float | None = None, revise_groups: int = 2, tokenizer=None, **params):
-    """Diffusion generation that revises every filled block `revise_rounds` times before committing it
-    (a `GenerationResult`, as from `generate(mode="diffusion")`)."""
-    from .generate import GenerationStream, _prompt_ids
-
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    gp = _params("diffusion", params)
-    prompts, batched = _prompt_ids(prompt, tokenizer, True)
-    gp = gp.resolve(model.config, [len(p) for p in prompts])
-    # the same weights as the diffusion mode's own denoising (a LoRA drafter on for the block)
-    opts = ReviseOptions(rounds=revise_rounds, threshold=revise_threshold, budget=revise_budget,
-                         groups=revise_groups, drafter=True)
-    rows = [revising_row(p, gp, model.config, tokenizer, seed=None if gp.seed is None else gp.seed + i,
-                         device=model.device, options=opts) for i, p in enumerate(prompts)]
-    s = GenerationStream(model, rows, gp.mode, batched)
-    for _ in s:
-        pass
-    return s.result
 
 
 # -- rows for the serving engine (an OpenAI-style `suffix` on /v1/completions, and /v1/revise) -------------

@@ -257,7 +257,7 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
         if body.suffix:
             if tokenizer is None:
                 raise invalid("suffix needs a tokenizer; this server has none", "suffix")
-            suffix_ids = tokenizer.encode(body.suffix, add_special_tokens=False)
+            suffix_ids = tokenizer.encode(body.suffix)
 
             def build_row(prompt, params, seed):
                 return infill_row(prompt, suffix_ids, params, model.config, tokenizer, seed=seed, device=model.device,
@@ -271,8 +271,8 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
         check_model(body.model)
         if tokenizer is None:
             raise invalid("revision needs a tokenizer; this server has none", "text")
-        enc = lambda t: tokenizer.encode(t, add_special_tokens=False) if t else []  # noqa: E731
-        text_ids, prefix_ids, suffix_ids = enc(body.text), enc(body.prefix), enc(body.suffix)
+        text_ids, prefix_ids, suffix_ids = (tokenizer.encode(t) if t else [] for t in (body.text, body.prefix,
+                                                                                         body.suffix))
         total = len(prefix_ids) + len(text_ids) + len(suffix_ids)
         if total > model.config.max_position_embeddings:
             raise invalid(f"prefix + text + suffix hold {total} tokens, more than the model's context window of "

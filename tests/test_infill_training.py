@@ -52,8 +52,9 @@ def test_fim_rate_without_fim_tokens_is_refused_before_training(tmp_path):
 
     data = write_micro_corpus(tmp_path / "data", files=2, chars_per_file=2000)
     recipe = load_recipe(base=micro_recipe(data, tmp_path / "run"), overrides={
-        "train.steps": 1, "eval.every": 0, "checkpoint.every": 0, "objective.fim_rate": 0.5})
+        "train.steps": 1, "eval.every": 0, "checkpoint.every": 0, "objective.fim_rate": 0.5,
+        "data.val_fraction": 0})  # no held-out split: the refusal, not the split, is under test
     trainer = Trainer(recipe)
     with pytest.raises(RecipeError, match="fim_rate"):
         trainer.setup()
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "data").exists() and not (tmp_path / "run" / "checkpoints").exists()

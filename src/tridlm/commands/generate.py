@@ -47,6 +47,11 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help=f"diffusion commit policy: {', '.join(POLICIES)}")
     p.add_argument("--stream", action="store_true", help="print text as it becomes final")
     p.add_argument("--json", action="store_true", help="print the result and metrics as JSON")
+    add_load_args(p)
+
+
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    """How a command loads its model: device, dtype, and whether a LoRA drafter is used."""
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype (default: the checkpoint's)")

@@ -7,6 +7,8 @@ import json
 import re
 import sys
 
+from .generate import add_load_args
+
 HELP = """\
 The text comes as TEMPLATE (or stdin when omitted or '-') holding one or more hole markers (default
 <FILL>; <FILL:5> asks for exactly 5 tokens there), or as --prefix/--suffix around one hole. A hole is
@@ -22,10 +24,7 @@ when the model was trained for it, else rank."""
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a tridlm checkpoint folder, or 'default'")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--no-draft-adapter", action="store_true", help="ignore a LoRA drafter in the checkpoint")
+    add_load_args(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None, help="sampler seed")

@@ -7,8 +7,11 @@ import os
 
 from tridlm.decoding.params import MODES
 
+from .generate import add_load_args
+
 HELP = """\
-Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, GET /metrics.
+Endpoints: GET /v1/models, POST /v1/completions (a `suffix` makes the completion the middle), POST
+/v1/chat/completions, POST /v1/revise, GET /health, GET /metrics.
 Each request may choose its decoding with extra body fields: mode (ar, diffusion, spec, spec-quadratic,
 auto), block_length (an integer or "auto"), threshold, steps, selection_policy, top_k, ignore_eos.
 mode "auto" picks self-speculation while fewer than --auto-spec-below rows are active and its drafts
@@ -43,10 +46,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--default-temperature", type=float, default=0.0,
                    help="temperature of requests that give none (default 0: greedy)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--no-draft-adapter", action="store_true", help="ignore a LoRA drafter in the checkpoint")
+    add_load_args(p)
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
 

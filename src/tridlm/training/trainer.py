@@ -119,6 +119,10 @@ class Trainer:
                                 r.tokenizer.min_frequency)
                 atomic_folder_write(tok_dir, tok.save)  # a kill never leaves half a tokenizer
             check_tokenizer(tok, given or tok_dir)
+            if r.objective.fim_rate > 0 and fim_tokens(tok) is None:  # before any data is packed
+                raise RecipeError("objective.fim_rate > 0 needs the tokens <fim_prefix>, <fim_suffix>, <fim_middle> "
+                                  "in the tokenizer, which lacks them: set objective.fim_rate: 0 or use a tokenizer "
+                                  "that has them (tridlm.training.fim.add_fim_tokens)")
             build_split(data_dir, "train", train_docs, tok, r.data.seq_len)
             build_split(data_dir, "val", val_docs, tok, r.data.seq_len)
         d.barrier()
@@ -216,10 +220,6 @@ class Trainer:
         self.block_size = r.objective.block_size or self.config.block_size
         self.fim = FimConfig(r.objective.fim_rate, r.objective.hole_rate)
         self.fim_tokens = fim_tokens(self.tokenizer)
-        if self.fim.fim_rate > 0 and self.fim_tokens is None:
-            raise RecipeError("objective.fim_rate > 0 needs the tokens <fim_prefix>, <fim_suffix>, <fim_middle> in "
-                              "the tokenizer, which has none of them: set objective.fim_rate: 0 or use a tokenizer "
-                              "that has them (tridlm.training.fim.add_fim_tokens)")
         self.model = self._wrap(self.base_model)
         self.opt = self._optimizer()
         self.step, self.samples_seen = 0, 0

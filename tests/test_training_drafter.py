@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import tridlm
+from tridlm import lora
+from tridlm.training import distributed
 from tridlm.training.objective import self_distillation_sum
 from tridlm.training.quick import micro_recipe, write_micro_corpus
-from tridlm.training.recipe import load_recipe
-from tridlm.training.trainer import train
+from tridlm.training.recipe import RecipeError, load_recipe
+from tridlm.training.trainer import Trainer, train
 
 
 def test_self_distillation_sum_by_hand():
@@ -50,3 +52,42 @@ def test_drafter_trains_only_the_adapter(tmp_path):
     assert vals[0]["ar_loss"] == vals[-1]["ar_loss"]  # AR quality is untouched, to the last bit
     trains = [r for r in res.history if r["kind"] == "train"]
     assert all(r["distill_kl"] > 0 for r in trains)
+
+
+def test_drafter_init_continues_a_trained_adapter(tmp_path):
+    corpus = write_micro_corpus(tmp_path / "corpus")
+    base = train(load_recipe(base=micro_recipe(corpus, tmp_path / "base"),
+                             overrides={"train.steps": 2, "eval.every": 0, "checkpoint.every": 0}))
+    first = train(load_recipe(base=micro_recipe(corpus, tmp_path / "first"), overrides={
+        "init_from": str(base.final_model), "drafter.rank": 4, "train.steps": 2, "train.lr": 1e-2,
+        "eval.every": 0, "checkpoint.every": 0}))
+    adapter = first.final_model / "linear_spec_lora"
+    # the continued run's drafter starts as the adapter it names, tensor for tensor
+    trainer = Trainer(load_recipe(base=micro_recipe(corpus, tmp_path / "second"), overrides={
+        "init_from": str(base.final_model), "drafter.rank": 4, "drafter.init": str(adapter)}))
+    try:
+        trainer.setup()
+        got = {k: v.detach().cpu() for k, v in lora.lora_parameters(trainer.model).items()}
+    finally:
+        distributed.teardown(trainer.d)
+    want = lora.lora_parameters(tridlm.load(first.final_model))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert any(want[k].abs().max() > 0 for k in want if "lora_B" in k)  # a trained adapter, not a fresh one
+
+
+def test_drafter_init_with_another_rank_is_refused_before_training(tmp_path):
+    corpus = write_micro_corpus(tmp_path / "corpus")
+    base = train(load_recipe(base=micro_recipe(corpus, tmp_path / "base"),
+                             overrides={"train.steps": 1, "eval.every": 0, "checkpoint.every": 0}))
+    first = train(load_recipe(base=micro_recipe(corpus, tmp_path / "first"), overrides={
+        "init_from": str(base.final_model), "drafter.rank": 4, "train.steps": 1, "eval.every": 0,
+        "checkpoint.every": 0}))
+    out = tmp_path / "second"
+    with pytest.raises(RecipeError, match=r"drafter.init.*rank is 4.*drafter.rank: 4"):
+        train(load_recipe(base=micro_recipe(corpus, out), overrides={
+            "init_from": str(base.final_model), "drafter.rank": 8,
+            "drafter.init": str(first.final_model / "linear_spec_lora"), "train.steps": 1}))
+    assert not (out / "model").exists()
+    with pytest.raises(RecipeError, match="drafter.init"):
+        train(load_recipe(base=micro_recipe(corpus, out), overrides={
+            "init_from": str(base.final_model), "drafter.rank": 4, "drafter.init": str(tmp_path / "nope")}))

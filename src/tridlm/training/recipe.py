@@ -79,6 +79,9 @@ class DrafterSection:
 
     rank: int = 0  # 0 = off: train every weight
     alpha: float = 32.0
+    # start from a trained adapter instead of a fresh one: a peft-layout folder, or "default" (the
+    # default model's shipped drafter); its rank must equal `rank`. A resumed run ignores it.
+    init: str | None = None
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                         "up_proj", "down_proj"])
 

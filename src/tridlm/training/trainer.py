@@ -73,6 +73,15 @@ def check_tokenizer(tok: Tokenizer, where) -> None:
         raise RecipeError(f"tokenizer {where} has no end-of-text token (set 'eos_token' in tokenizer_config.json)")
 
 
+def drafter_init_dir(init: str) -> Path:
+    """The adapter folder a recipe's drafter.init names ("default": the default model's drafter)."""
+    if init == "default":
+        from ..default_model import adapter_dir
+
+        return adapter_dir()
+    return Path(init).expanduser()
+
+
 def preflight(r: Recipe, world: int) -> None:
     """File and consistency checks: a missing file or a bad combination fails here, naming it."""
     t = r.train
@@ -82,6 +91,18 @@ def preflight(r: Recipe, world: int) -> None:
                           f"train.micro_batch x processes ({t.micro_batch} x {world} = {per_step})")
     if r.init_from and not Path(r.init_from).expanduser().is_dir():
         raise RecipeError(f"recipe key 'init_from': checkpoint folder {r.init_from} does not exist")
+    if r.drafter.init:
+        if r.drafter.rank <= 0:
+            raise RecipeError("recipe key 'drafter.init' needs drafter.rank > 0 (the adapter's rank)")
+        folder = drafter_init_dir(r.drafter.init)
+        cfg = folder / lora.ADAPTER_CONFIG
+        if not cfg.is_file():
+            raise RecipeError(f"recipe key 'drafter.init': {cfg} does not exist; name a peft adapter folder or "
+                              "'default'")
+        rank = json.loads(cfg.read_text()).get("r")
+        if rank != r.drafter.rank:
+            raise RecipeError(f"recipe key 'drafter.init': the adapter's rank is {rank} but drafter.rank is "
+                              f"{r.drafter.rank}; set drafter.rank: {rank}")
     for s in r.data.sources:
         resolve_source(s)  # raises DataError naming a missing file
     folder = _tokenizer_folder(r)
@@ -170,10 +191,12 @@ class Trainer:
     def _prepare_drafter(self, model: TriModeLM) -> None:
         """Attach the LoRA drafter (a resumed checkpoint already carries it) and freeze the base."""
         dr = self.r.drafter
-        if model.draft_adapter is None:
+        if model.draft_adapter is None and dr.init:
+            lora.load(model, drafter_init_dir(dr.init))
+        elif model.draft_adapter is None:
             torch.manual_seed(self.r.seed)
             lora.attach(model, dr.rank, dr.alpha, dr.targets)
-        elif model.draft_adapter["r"] != dr.rank:
+        if model.draft_adapter["r"] != dr.rank:
             raise RecipeError(f"recipe key 'drafter.rank' ({dr.rank}) differs from the checkpoint's adapter "
                               f"rank ({model.draft_adapter['r']})")
         for name, p in model.named_parameters():

@@ -22,6 +22,15 @@ def test_mixed_interleaves_and_truncates():
         load_prompts("poems")
 
 
+def test_counts_per_set():
+    ps = load_prompts("gsm8k:3,humaneval:1,stories:2")
+    assert [p.kind for p in ps] == ["gsm8k", "humaneval", "story", "gsm8k", "gsm8k", "story"]
+    assert [p.id for p in ps if p.kind == "gsm8k"] == [p.id for p in load_prompts("gsm8k", 3)]
+    for bad in ("gsm8k:0", "gsm8k:x", "gsm8k:-2"):
+        with pytest.raises(ValueError, match="positive whole number"):
+            load_prompts(bad)
+
+
 def test_user_jsonl(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "Hello", "id": "a"}\n\n{"question": "2+2?", "answer": 4, "chat": true, "kind": "gsm8k"}\n')

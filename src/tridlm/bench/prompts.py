@@ -1,8 +1,9 @@
 """Prompt sets for the benchmark: GSM8K test questions, HumanEval prompts, story openings, or a user's JSONL.
 
 A set is named by a string: ``gsm8k``, ``humaneval``, ``stories``, ``mixed`` (the three interleaved), a
-comma-separated list of those, or a path to a JSONL file whose lines hold ``prompt`` (or ``text`` /
-``question``) and optionally ``answer`` (a GSM8K-style final number), ``chat`` (bool) and ``id``.
+comma-separated list of those, each optionally with a count (``gsm8k:50,humaneval:20,stories:20``), or a
+path to a JSONL file whose lines hold ``prompt`` (or ``text`` / ``question``) and optionally ``answer`` (a
+GSM8K-style final number), ``chat`` (bool) and ``id``.
 """
 
 from __future__ import annotations
@@ -142,12 +143,19 @@ def load_prompts(spec: str, n: int | None = None) -> list[Prompt]:
     if Path(spec).suffix in (".jsonl", ".json") or Path(spec).is_file():
         return jsonl_prompts(spec, n)
     names = list(BUILT_IN) if spec == "mixed" else [s.strip() for s in spec.split(",") if s.strip()]
+    counts: list[int | None] = []
+    for i, name in enumerate(names):  # "gsm8k:50": the first 50 of that set
+        name, _, count = name.partition(":")
+        names[i] = name
+        if count and not (count.isdigit() and int(count) > 0):
+            raise ValueError(f"prompt set {spec!r}: the count after {name}: must be a positive whole number")
+        counts.append(int(count) if count else None)
     unknown = [s for s in names if s not in _LOADERS]
     if unknown or not names:
         raise ValueError(f"unknown prompt set {spec!r}; use {', '.join(BUILT_IN)}, mixed, a comma list of "
-                         "those, or a .jsonl file")
+                         "those (each may end in :COUNT), or a .jsonl file")
     per = None if n is None else -(-n // len(names))
-    sets = [_LOADERS[s](per) for s in names]
+    sets = [_LOADERS[s](c if c is not None else per) for s, c in zip(names, counts, strict=True)]
     mixed = [p for group in zip(*sets, strict=False) for p in group] if len(sets) > 1 else sets[0]
     if len(sets) > 1:  # sets of unequal length: the rest of the longer ones after the interleave
         k = min(len(s) for s in sets)

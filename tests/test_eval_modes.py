@@ -1,0 +1,67 @@
+"""Every mode on a fixed prompt set (tridlm.eval.modes) with a tiny random model: the batched runs give
+each row what it gets alone, the lossless modes equal AR, the table has every column."""
+
+import json
+
+import pytest
+import torch
+from conftest import random_model
+
+from tridlm import lora
+from tridlm.bench.prompts import STORY_OPENINGS, load_prompts
+from tridlm.eval import modes
+from tridlm.training.bpe import train_bpe
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = train_bpe(list(STORY_OPENINGS) * 4, vocab_size=300)
+    model = random_model(seed=0, vocab_size=300, mask_token_id=tok.mask_id, eos_token_id=tok.eos_id,
+                         bos_token_id=tok.eos_id)
+    model.tokenizer = tok
+    base = random_model(seed=0, vocab_size=300, mask_token_id=tok.mask_id, eos_token_id=tok.eos_id,
+                        bos_token_id=tok.eos_id)
+    base.tokenizer = tok
+    torch.manual_seed(1)
+    lora.attach(model, rank=2, alpha=4.0)
+    with torch.no_grad():  # a drafter that changes the drafts (a fresh one starts at zero)
+        for p in lora.lora_parameters(model).values():
+            p.normal_(0, 0.5)
+    return model.eval(), base
+
+
+def test_every_mode_on_a_set(tiny):
+    model, base = tiny
+    prompts = load_prompts("gsm8k:3,stories:2")
+    runs = modes.default_runs(block_length=4, quadratic_block_length=2)
+    results = modes.evaluate_modes(model, base, prompts, runs, max_new_tokens=8, batch_size=3, speed_per_kind=1,
+                                   repeats=1, log=lambda m: None)
+    by = {r.run.label: r for r in results}
+    ar, spec, quad, diff, bare = (by[r.label] for r in runs)
+    assert all(r.speed_matches_batched for r in results)  # a row's output does not depend on its batch
+    assert ar.tpf == 1.0 and ar.speedup_vs_ar == 1.0 and ar.quality["identical_to_ar"] == len(prompts)
+    for lossless in (spec, quad, bare):  # greedy self-speculation and the drafter-free base: AR's text
+        assert lossless.quality["identical_to_ar"] == len(prompts)
+        assert lossless.quality["ar_nll"] == pytest.approx(ar.quality["ar_nll"])
+    assert spec.acceptance is not None and 1 <= spec.acceptance <= 5
+    assert diff.acceptance is None and diff.tpf >= 1
+    assert ar.quality["gsm8k_graded"] == 3 and 0 <= ar.quality["gsm8k_accuracy"] <= 1
+    md = modes.markdown(results, prompts, "tridlm eval modes x", "tiny", {"max_new_tokens": 8, "device": "CPU",
+                                                                         "dtype": "float32", "threads": 1})
+    assert md.count("\n| ") == len(runs) + 1 and "identical to AR" in md and "3 gsm8k, 2 story" in md
+    json.dumps([r.to_dict() for r in results])
+
+
+def test_speed_subset_takes_the_first_of_each_kind():
+    prompts = load_prompts("gsm8k:3,humaneval:2,stories:2")
+    idx = modes.speed_subset(prompts, 1)
+    assert [prompts[i].kind for i in idx] == ["gsm8k", "humaneval", "story"]
+    assert [prompts[i].id for i in idx] == ["gsm8k/0", "HumanEval/0", "story/0"]

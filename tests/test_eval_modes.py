@@ -65,3 +65,18 @@ def test_speed_subset_takes_the_first_of_each_kind():
     idx = modes.speed_subset(prompts, 1)
     assert [prompts[i].kind for i in idx] == ["gsm8k", "humaneval", "story"]
     assert [prompts[i].id for i in idx] == ["gsm8k/0", "HumanEval/0", "story/0"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompts", "poems"], "unknown prompt set"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--threshold", "1.5"], "--threshold must lie in"),
+    (["--speed-per-kind", "-1"], "--speed-per-kind must be >= 0"),
+])
+def test_modes_command_refuses_bad_options_before_loading(argv, message, tmp_path, capsys):
+    from tridlm.cli import main
+
+    # the model folder does not exist: an option error must come first, before any loading
+    assert main(["eval", "modes", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -136,9 +136,13 @@ def run_modes(args, log) -> int:
     from tridlm.eval import modes, suite
 
     prompts = modes.load_set(args.prompts or modes.DEFAULT_SET)  # a bad set name fails before loading
-    for name in ("max_new_tokens", "batch", "repeats"):
-        if getattr(args, name) < 1:
+    for name in ("max_new_tokens", "batch", "repeats", "block_length"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.speed_per_kind < 0:
+        raise ValueError(f"--speed-per-kind must be >= 0 (0 skips tokens/s), got {args.speed_per_kind}")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold must lie in [0, 1], got {args.threshold}")
     model, description = suite.load_model(args.model, log)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: the evaluation works on text")

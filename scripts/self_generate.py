@@ -12,7 +12,6 @@ and skips the prompts already answered. A recipe then names the file as a data s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -37,7 +36,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--budget-s", type=float, default=None, help="start no batch after this many seconds")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="one cap for every kind of prompt")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="new tokens per answer at most")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -50,10 +49,8 @@ def main() -> None:
     tokenizer = model.tokenizer
     hf = to_transformers(model).to(device=args.device, dtype=getattr(torch, args.dtype))
     prompts = mixed_prompts(args.n_gsm8k, args.n_code, args.n_stories, args.seed, args.gsm8k)
-    if args.max_new_tokens:
-        prompts = [dataclasses.replace(p, max_new_tokens=args.max_new_tokens) for p in prompts]
     print(f"{len(prompts)} prompts -> {args.out}", flush=True)
-    stats = write_corpus(hf, tokenizer, prompts, args.out, args.batch, args.budget_s,
+    stats = write_corpus(hf, tokenizer, prompts, args.out, args.max_new_tokens, args.batch, args.budget_s,
                          log=lambda m: print(m, flush=True))
     print(json.dumps(stats))
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from conftest import random_model
 
 from tridlm.bench.cost_profile import (
@@ -17,14 +16,7 @@ from tridlm.bench.cost_profile import (
     save_acceptance_profile,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared, busy machine every op would wait at the barrier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TOKENS = [1, 2, 4, 8, 16, 32, 64]

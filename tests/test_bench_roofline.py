@@ -1,19 +1,11 @@
 """Roofline byte counting: weights read once per AR step, KV read at the current context."""
 
 import pytest
-import torch
 from conftest import random_model
 
 from tridlm.bench.roofline import copy_bandwidth, kv_bytes_per_token, roofline, weight_bytes_per_token
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared, busy machine every op would wait at the barrier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_untied_embedding_counts_one_row():

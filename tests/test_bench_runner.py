@@ -3,31 +3,17 @@
 import json
 
 import pytest
-import torch
-from conftest import random_model
+from conftest import tiny_text_model
 
 from tridlm.bench import BenchSettings, plan_configs, run_bench
-from tridlm.bench.prompts import STORY_OPENINGS
 from tridlm.bench.runner import agreement
-from tridlm.training.bpe import train_bpe
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared, busy machine every op would wait at the barrier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    tok = train_bpe(list(STORY_OPENINGS) * 4, vocab_size=300)
-    model = random_model(seed=0, vocab_size=300, mask_token_id=tok.mask_id, eos_token_id=tok.eos_id,
-                         bos_token_id=tok.eos_id)
-    model.tokenizer = tok
-    return model
+    return tiny_text_model()
 
 
 def tiny_settings(**kw):

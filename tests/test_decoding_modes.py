@@ -17,13 +17,7 @@ SPEC_MODES = ("spec", "spec-quadratic")
 ALL_MODES = ("ar", "diffusion", "spec", "spec-quadratic")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

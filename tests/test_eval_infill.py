@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_infill_support import one_thread, text_model  # noqa: F401  (fixture)
+from test_infill_support import text_model  # noqa: F401  (fixture)
 
 from tridlm.cli import main
 from tridlm.eval.report import SECTION, update_section

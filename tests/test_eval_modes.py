@@ -5,31 +5,19 @@ import json
 
 import pytest
 import torch
-from conftest import random_model
+from conftest import tiny_text_model
 
 from tridlm import lora
-from tridlm.bench.prompts import STORY_OPENINGS, load_prompts
+from tridlm.bench.prompts import load_prompts
+from tridlm.bench.suite import machine_info
 from tridlm.eval import modes
-from tridlm.training.bpe import train_bpe
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    tok = train_bpe(list(STORY_OPENINGS) * 4, vocab_size=300)
-    model = random_model(seed=0, vocab_size=300, mask_token_id=tok.mask_id, eos_token_id=tok.eos_id,
-                         bos_token_id=tok.eos_id)
-    model.tokenizer = tok
-    base = random_model(seed=0, vocab_size=300, mask_token_id=tok.mask_id, eos_token_id=tok.eos_id,
-                        bos_token_id=tok.eos_id)
-    base.tokenizer = tok
+    model, base = tiny_text_model(), tiny_text_model()  # the same weights; only `model` gets a drafter
     torch.manual_seed(1)
     lora.attach(model, rank=2, alpha=4.0)
     with torch.no_grad():  # a drafter that changes the drafts (a fresh one starts at zero)
@@ -54,8 +42,8 @@ def test_every_mode_on_a_set(tiny):
     assert spec.acceptance is not None and 1 <= spec.acceptance <= 5
     assert diff.acceptance is None and diff.tpf >= 1
     assert ar.quality["gsm8k_graded"] == 3 and 0 <= ar.quality["gsm8k_accuracy"] <= 1
-    md = modes.markdown(results, prompts, "tridlm eval modes x", "tiny", {"max_new_tokens": 8, "device": "CPU",
-                                                                         "dtype": "float32", "threads": 1})
+    meta = {**machine_info("cpu"), "dtype": "float32", "max_new_tokens": 8}
+    md = modes.markdown(results, prompts, "tridlm eval modes x", "tiny", meta)
     assert md.count("\n| ") == len(runs) + 1 and "identical to AR" in md and "3 gsm8k, 2 story" in md
     json.dumps([r.to_dict() for r in results])
 

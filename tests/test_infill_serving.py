@@ -6,7 +6,7 @@ check what a client would receive."""
 from __future__ import annotations
 
 import pytest
-from test_infill_support import one_thread, text_model  # noqa: F401  (fixture)
+from test_infill_support import text_model  # noqa: F401  (fixture)
 
 from tridlm.decoding import GenerationParams
 from tridlm.engine import Delta, Engine, Failed, Finished

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from tridlm import ModelConfig, TriModeLM
@@ -41,11 +40,3 @@ def text_model(seed: int = 0, fim: bool = False, **overrides) -> TriModeLM:
     model.tokenizer = tok
     return model
 
-
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy shared machine every op would wait at the barrier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-from test_infill_support import one_thread  # noqa: F401  (fixture)
 
 from tridlm.eval.fim_training import build_tokenizer, comparison_markdown
 from tridlm.training.fim import FIM_MIDDLE, FIM_PREFIX, FimConfig

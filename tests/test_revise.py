@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_model
-from test_infill_support import one_thread, text_model  # noqa: F401  (fixture)
+from test_infill_support import text_model  # noqa: F401  (fixture)
 
 import tridlm.infill  # noqa: F401  (attaches model.revise)
 from tridlm.decoding import DecodeBatch, GenerationError, GenerationParams, Row

@@ -4,15 +4,14 @@ benchmark prompts, records the trainer reads, greedy answers equal to AR mode's,
 import json
 
 import pytest
-import torch
-from conftest import random_model
+from conftest import tiny_text_model
 
 from tridlm.bench.prompts import STORY_OPENINGS, humaneval_prompts
-from tridlm.training.bpe import train_bpe
 from tridlm.training.corpora import SourceFile, read_documents
 from tridlm.training.self_generated import code_prompts, mixed_prompts, story_prompts, write_corpus
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_prompts_are_seeded_and_not_benchmark_prompts(tmp_path):
@@ -33,17 +32,13 @@ def test_prompts_are_seeded_and_not_benchmark_prompts(tmp_path):
 def test_corpus_answers_are_the_models_greedy_ar_and_resume(tmp_path):
     from tridlm.bench.hf_baseline import to_transformers
 
-    torch.set_num_threads(1)
-    tok = train_bpe(list(STORY_OPENINGS) * 4, vocab_size=300)
-    model = random_model(seed=0, vocab_size=300, mask_token_id=tok.mask_id, eos_token_id=tok.eos_id,
-                         bos_token_id=tok.eos_id)
-    model.tokenizer = tok
+    model = tiny_text_model()
+    tok = model.tokenizer
     prompts = [p for p in story_prompts(6, seed=0) if not p.chat][:3]
-    prompts = [type(p)(p.id, p.text, p.chat, 6) for p in prompts]
     out = tmp_path / "self.jsonl"
     hf = to_transformers(model)
-    first = write_corpus(hf, tok, prompts[:2], out, batch_size=2, log=lambda m: None)
-    second = write_corpus(hf, tok, prompts, out, batch_size=2, log=lambda m: None)
+    first = write_corpus(hf, tok, prompts[:2], out, max_new_tokens=6, batch_size=2, log=lambda m: None)
+    second = write_corpus(hf, tok, prompts, out, max_new_tokens=6, batch_size=2, log=lambda m: None)
     assert (first["records"], second["records"], second["skipped"]) == (2, 1, 2)
     docs = read_documents(SourceFile(str(out), out, "jsonl"))
     assert len(docs) == 3 and all(not d.is_chat for d in docs)

@@ -30,6 +30,16 @@ def has_drafter() -> bool:
     return (adapter_dir() / "adapter_model.safetensors").is_file()
 
 
+def recommended_block_length(fallback: int = 8) -> int:
+    """The block length the shipped drafter's measurements favour (results.json), else `fallback`."""
+    import json
+
+    results = asset_dir() / "results.json"
+    if not results.is_file():
+        return fallback
+    return int(json.loads(results.read_text()).get("best_block_length", fallback))
+
+
 def default_model_paths() -> tuple[Path, Path]:
     """(base checkpoint folder, drafter folder); the base is converted from the GGUF on first use."""
     from .convert import smollm2_base

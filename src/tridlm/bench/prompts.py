@@ -24,7 +24,7 @@ GSM8K_INSTRUCTION = "Solve the problem step by step, then give the final answer 
 class Prompt:
     id: str
     text: str
-    kind: str = "user"  # gsm8k | humaneval | story | user
+    kind: str = "user"  # gsm8k | humaneval | story | code | user
     chat: bool = False  # wrap in the tokenizer's chat template (as a user message) when it has one
     answer: str | None = None  # the exact final answer, when the set has one
 

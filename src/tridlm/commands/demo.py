@@ -43,12 +43,9 @@ def _say(msg: str) -> None:
 def _block_length(args, model) -> int:
     if args.block_length:
         return args.block_length
-    from tridlm.default_model import asset_dir
+    from tridlm.default_model import recommended_block_length
 
-    results = asset_dir() / "results.json"
-    if args.model is None and results.is_file():
-        return int(json.loads(results.read_text()).get("best_block_length", 8))
-    return 8
+    return recommended_block_length() if args.model is None else 8
 
 
 def run(args) -> int:

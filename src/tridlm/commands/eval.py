@@ -130,12 +130,12 @@ def run_modes(args, log) -> int:
     import json
     from pathlib import Path
 
-    import torch
-
+    from tridlm.bench.prompts import load_prompts
+    from tridlm.bench.suite import machine_info
     from tridlm.checkpoint import load
     from tridlm.eval import modes, suite
 
-    prompts = modes.load_set(args.prompts or modes.DEFAULT_SET)  # a bad set name fails before loading
+    prompts = load_prompts(args.prompts or modes.DEFAULT_SET)  # a bad set name fails before loading
     for name in ("max_new_tokens", "batch", "repeats", "block_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -148,13 +148,9 @@ def run_modes(args, log) -> int:
         raise ValueError(f"{args.model} has no tokenizer: the evaluation works on text")
     L = args.block_length
     if L is None:
-        L = 8
-        if args.model == "default":
-            from tridlm.default_model import asset_dir
+        from tridlm.default_model import recommended_block_length
 
-            results = asset_dir() / "results.json"
-            if results.is_file():
-                L = int(json.loads(results.read_text()).get("best_block_length", 8))
+        L = recommended_block_length() if args.model == "default" else 8
     if model.draft_adapter is None:
         base = model
     elif args.model == "default":
@@ -167,7 +163,8 @@ def run_modes(args, log) -> int:
     log(f"{len(prompts)} prompts, {len(runs)} runs")
     results = modes.evaluate_modes(model, base, prompts, runs, args.max_new_tokens, args.batch,
                                    args.speed_per_kind, args.repeats, log)
-    meta = {**modes.machine(model, torch.get_num_threads()), "max_new_tokens": args.max_new_tokens}
+    meta = {**machine_info(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+            "max_new_tokens": args.max_new_tokens}
     md = modes.markdown(results, prompts, command_line(args), description, meta)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

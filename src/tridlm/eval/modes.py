@@ -12,12 +12,11 @@ the base model without its drafter (SmolLM2 as converted, for the default model)
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
 
-from ..bench.prompts import Prompt, load_prompts
+from ..bench.prompts import Prompt
 from ..bench.runner import BenchConfig, BenchSettings, measure_tridlm, quality
 
 DEFAULT_SET = "gsm8k:50,humaneval:20,stories:20"
@@ -130,13 +129,14 @@ def _f(x, fmt: str) -> str:
 
 
 def markdown(results: list[ModeResult], prompts: list[Prompt], command: str, description: str, meta: dict) -> str:
+    """The results table; `meta` is `tridlm.bench.suite.machine_info` plus `dtype` and `max_new_tokens`."""
     kinds: dict[str, int] = {}
     for p in prompts:
         kinds[p.kind] = kinds.get(p.kind, 0) + 1
     ar = next((r for r in results if r.run.mode == "ar" and not r.run.base), None)
     lines = [f"Model: {description}. Prompts: " + ", ".join(f"{n} {k}" for k, n in kinds.items()) +
-             f"; greedy, at most {meta['max_new_tokens']} new tokens, stopping at EOS; {meta['device']}, "
-             f"{meta['dtype']}, {meta['threads']} threads.", "",
+             f"; greedy, at most {meta['max_new_tokens']} new tokens, stopping at EOS; "
+             f"{meta.get('gpu') or meta['cpu']}, {meta['dtype']}, {meta['torch_threads']} threads.", "",
              f"Command: `{command}`", "",
              "| mode | GSM8K accuracy | TPF | mean acceptance | tokens/s | speedup over AR | AR-judged NLL / token "
              "| NLL vs AR | identical to AR |",
@@ -160,12 +160,3 @@ def markdown(results: list[ModeResult], prompts: list[Prompt], command: str, des
                   + (" (the single-stream outputs equal the batched ones for every mode)." if same else
                      " (NOTE: some single-stream outputs differ from the batched ones).")]
     return "\n".join(lines) + "\n"
-
-
-def machine(model, threads: int) -> dict:
-    return {"device": str(model.device) if model.device.type != "cpu" else f"CPU ({platform.machine()})",
-            "dtype": str(model.dtype).removeprefix("torch."), "threads": threads}
-
-
-def load_set(spec: str = DEFAULT_SET) -> list[Prompt]:
-    return load_prompts(spec)

@@ -17,22 +17,12 @@ import json
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..bench.prompts import GSM8K_INSTRUCTION
+from ..bench.prompts import GSM8K_INSTRUCTION, Prompt
 from .corpora import DEFAULT_GSM8K, stdlib_files
-
-
-@dataclass(frozen=True)
-class SelfPrompt:
-    id: str
-    text: str
-    chat: bool
-    max_new_tokens: int
-
 
 # story openings: a character, a place and a first event, never one of the benchmark's openings
 _WHO = ["an old fisherman", "a young girl named Ana", "a shy robot", "a retired astronaut", "two brothers",
@@ -54,7 +44,7 @@ _STORY_FRAMES = ["Once upon a time, {who} {where} {what}.", "It was a cold morni
                  "Long ago, {who} lived {where}. One day, {who2}"]
 
 
-def story_prompts(n: int, seed: int = 0, max_new_tokens: int = 192) -> list[SelfPrompt]:
+def story_prompts(n: int, seed: int = 0) -> list[Prompt]:
     """`n` story prompts, half completions of an opening and half chat requests for a short story."""
     rng = random.Random(seed)
     out = []
@@ -66,14 +56,13 @@ def story_prompts(n: int, seed: int = 0, max_new_tokens: int = 192) -> list[Self
             if frame.endswith("{who2}"):
                 text = text[:-len("they")] + ("the " + who.split()[-1] if who.startswith(("a ", "an ")) else who)
             text = text[0].upper() + text[1:]
-            out.append(SelfPrompt(f"story/{i}", text, False, max_new_tokens))
+            out.append(Prompt(f"story/{i}", text, "story"))
         else:
-            out.append(SelfPrompt(f"story/{i}", f"Write a short story about {who} {where} who {what}.", True,
-                                  max_new_tokens))
+            out.append(Prompt(f"story/{i}", f"Write a short story about {who} {where} who {what}.", "story", True))
     return out
 
 
-def gsm8k_train_prompts(n: int, path: Path = DEFAULT_GSM8K, max_new_tokens: int = 256) -> list[SelfPrompt]:
+def gsm8k_train_prompts(n: int, path: Path = DEFAULT_GSM8K) -> list[Prompt]:
     """The first `n` GSM8K *train* questions, framed as the benchmark frames test questions."""
     out = []
     with open(path) as f:
@@ -81,7 +70,7 @@ def gsm8k_train_prompts(n: int, path: Path = DEFAULT_GSM8K, max_new_tokens: int 
             if len(out) >= n:
                 break
             q = json.loads(line)["question"]
-            out.append(SelfPrompt(f"gsm8k/{i}", GSM8K_INSTRUCTION + q, True, max_new_tokens))
+            out.append(Prompt(f"gsm8k/{i}", GSM8K_INSTRUCTION + q, "gsm8k", True))
     return out
 
 
@@ -106,15 +95,15 @@ def _function_prompts(path: Path) -> Iterator[str]:
         yield "\n".join(lines[start - 1:doc.end_lineno]) + "\n"
 
 
-def code_prompts(n: int, seed: int = 0, max_new_tokens: int = 192) -> list[SelfPrompt]:
+def code_prompts(n: int, seed: int = 0) -> list[Prompt]:
     """`n` Python functions of the standard library, each cut after its docstring, in a seeded order."""
     found = [p for f in stdlib_files() if f.suffix == ".py" for p in _function_prompts(f)]
     random.Random(seed).shuffle(found)
-    return [SelfPrompt(f"code/{i}", p, False, max_new_tokens) for i, p in enumerate(found[:n])]
+    return [Prompt(f"code/{i}", p, "code") for i, p in enumerate(found[:n])]
 
 
 def mixed_prompts(n_gsm8k: int, n_code: int, n_stories: int, seed: int = 0,
-                  gsm8k_path: Path = DEFAULT_GSM8K) -> list[SelfPrompt]:
+                  gsm8k_path: Path = DEFAULT_GSM8K) -> list[Prompt]:
     """The three kinds interleaved, so a run stopped early still has some of each."""
     sets = [gsm8k_train_prompts(n_gsm8k, gsm8k_path) if n_gsm8k else [], code_prompts(n_code, seed),
             story_prompts(n_stories, seed)]
@@ -124,13 +113,7 @@ def mixed_prompts(n_gsm8k: int, n_code: int, n_stories: int, seed: int = 0,
     return out
 
 
-def _render(p: SelfPrompt, tokenizer) -> list[int]:
-    if p.chat:
-        return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p.text}]))
-    return tokenizer.encode(p.text)
-
-
-def _record(p: SelfPrompt, completion: str) -> dict:
+def _record(p: Prompt, completion: str) -> dict:
     if p.chat:
         return {"id": p.id, "messages": [{"role": "user", "content": p.text},
                                          {"role": "assistant", "content": completion}]}
@@ -149,10 +132,11 @@ def done_ids(path: Path) -> set[str]:
 
 
 @torch.inference_mode()
-def write_corpus(hf_model, tokenizer, prompts: list[SelfPrompt], out: Path, batch_size: int = 64,
-                 budget_s: float | None = None, log=print) -> dict:
-    """Answer `prompts` greedily with `hf_model` (a transformers causal LM; batched, left-padded) and
-    append one JSONL record per prompt to `out`. Stops starting new batches after `budget_s` seconds."""
+def write_corpus(hf_model, tokenizer, prompts: list[Prompt], out: Path, max_new_tokens: int = 256,
+                 batch_size: int = 64, budget_s: float | None = None, log=print) -> dict:
+    """Answer `prompts` greedily with `hf_model` (a transformers causal LM; batched, left-padded; at most
+    `max_new_tokens` each) and append one JSONL record per prompt to `out`. Stops starting new batches
+    after `budget_s` seconds."""
     t0 = time.perf_counter()
     done = done_ids(out)
     todo = [p for p in prompts if p.id not in done]
@@ -165,7 +149,7 @@ def write_corpus(hf_model, tokenizer, prompts: list[SelfPrompt], out: Path, batc
             if budget_s is not None and time.perf_counter() - t0 > budget_s:
                 break
             batch = todo[b:b + batch_size]
-            enc = [_render(p, tokenizer) for p in batch]
+            enc = [p.encode(tokenizer) for p in batch]
             width = max(map(len, enc))
             ids = torch.full((len(enc), width), pad, dtype=torch.long)
             att = torch.zeros((len(enc), width), dtype=torch.long)
@@ -173,11 +157,10 @@ def write_corpus(hf_model, tokenizer, prompts: list[SelfPrompt], out: Path, batc
                 ids[i, width - len(e):] = torch.tensor(e)
                 att[i, width - len(e):] = 1
             new = hf_model.generate(ids.to(hf_model.device), attention_mask=att.to(hf_model.device),
-                                    max_new_tokens=max(p.max_new_tokens for p in batch), do_sample=False,
+                                    max_new_tokens=max_new_tokens, do_sample=False,
                                     eos_token_id=eos, pad_token_id=pad, temperature=None, top_p=None,
                                     top_k=None)[:, width:].tolist()
             for p, row in zip(batch, new, strict=True):
-                row = row[:p.max_new_tokens]
                 if eos in row:
                     row = row[:row.index(eos)]
                 stats["generated_tokens"] += len(row)

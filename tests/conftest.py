@@ -2,10 +2,44 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from tridlm import ModelConfig, TriModeLM
+from tridlm.numerics import agreement_tolerance, greedy_divergence
+
+
+def suite_threads() -> int:
+    """The suite's torch thread count: $TRIDLM_TEST_THREADS, else 2 (or 1 on a one-core machine).
+
+    Set once for the session and printed in pytest's header, so a failure report says which it was;
+    every result the suite checks holds on 1 and 2 threads alike (tests/test_numerics.py checks that)."""
+    value = os.environ.get("TRIDLM_TEST_THREADS", "")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise pytest.UsageError(f"TRIDLM_TEST_THREADS must be a positive integer, got {value!r}")
+        return int(value)
+    return min(2, os.cpu_count() or 1)
+
+
+def pytest_configure(config):
+    torch.set_num_threads(suite_threads())
+
+
+def _suite_line() -> str:
+    from tridlm.machine import machine_summary
+
+    return f"tridlm: {machine_summary()}; suite threads {suite_threads()} (TRIDLM_TEST_THREADS)"
+
+
+def pytest_report_header(config):
+    return _suite_line()
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(_suite_line())  # also under -q, where the header is not shown
 
 
 def small_config(**overrides) -> ModelConfig:
@@ -50,3 +84,34 @@ def tiny_trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_trained")
     model, tokenizer = train_tiny_model(folder, seconds=60, seed=0)
     return model, tokenizer, folder
+
+
+def assert_logits_agree(model, got: torch.Tensor, ref: torch.Tensor, n_keys: int = 0) -> None:
+    """`got` and `ref` are two evaluations of the same logits: within the error model's 2E (tridlm.numerics)."""
+    tol = agreement_tolerance(model.config, model.dtype, ref, n_keys)
+    diff = float((got.double() - ref.double()).abs().max())
+    assert diff <= tol, f"logits differ by {diff:.3g}, more than the error model's bound {tol:.3g}"
+
+
+class GreedyContract:
+    """Checks greedy outputs of two kernel paths under the exactness contract (README, "What is exact"):
+    identical, or parting at a near tie -- and near ties rare (at most one in ten comparisons, at least one
+    allowed). Use `same` for each pair, then `assert_rare` once."""
+
+    def __init__(self, model):
+        self.model, self.compared, self.ties = model, 0, []
+
+    def same(self, prompt, got, ref) -> bool:
+        """True when identical; False when they part at a near tie; fails otherwise."""
+        self.compared += 1
+        d = greedy_divergence(self.model, list(prompt), list(got), list(ref))
+        if d is None:
+            return True
+        assert d.near_tie, (f"greedy outputs part at generated token {d.position} where the logits' gap is "
+                            f"{d.gap:.3g}, above the near-tie bound {d.bound:.3g}: not a rounding difference")
+        self.ties.append(d)
+        return False
+
+    def assert_rare(self) -> None:
+        assert self.compared > 0
+        assert len(self.ties) <= max(1, self.compared // 10), f"{len(self.ties)} near ties in {self.compared}"

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_logits_agree
 
 import tridlm
 from tridlm.convert import ConvertError, smollm2_base, smollm2_gguf_path
@@ -71,28 +72,39 @@ def test_converted_config_and_files(ours):
 def test_ar_logits_match_transformers(ours, theirs):
     model, _ = theirs
     prompt = ours.tokenizer.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea."}])
-    worst = 0.0
     for text in (prompt, TEXTS[1]):
         ids = torch.tensor([ours.tokenizer.encode(text)])
         with torch.no_grad():
-            diff = (ours(ids) - model(ids).logits).abs().max().item()
-        worst = max(worst, diff)
-    print(f"SmolLM2 AR parity: max |logit diff| = {worst:.2e}")
-    assert worst <= 1e-3
+            assert_logits_agree(ours, ours(ids), model(ids).logits)
+
+
+def chunked_pass(model, ids, drop: int | None = None):
+    """Logits of `ids` fed through the cache in chunks of 7, 1, 5, 1 and the rest; `drop`: forget that
+    cached position before the last chunk (a cache bug the error bound must catch)."""
+    cache = model.new_cache(1, ids.shape[1])
+    parts, start = [], 0
+    for n in (7, 1, 5, 1, ids.shape[1]):
+        chunk = ids[:, start:start + n]
+        if chunk.shape[1]:
+            if drop is not None and start + n >= ids.shape[1]:
+                for layer in range(model.config.num_hidden_layers):  # shift the later entries over it
+                    for t in (cache.k, cache.v):
+                        t[layer, :, :, drop:start - 1] = t[layer, :, :, drop + 1:start].clone()
+                cache.crop(start - 1)
+            parts.append(model(chunk, positions=torch.arange(start, start + chunk.shape[1])[None], cache=cache))
+        start += n
+    return torch.cat(parts, 1)
 
 
 def test_cached_chunked_pass_equals_one_pass(ours):
     ids = torch.tensor([ours.tokenizer.encode(TEXTS[0] + " " + TEXTS[2])])
     with torch.no_grad():
         full = ours(ids)
-        cache = ours.new_cache(1, ids.shape[1])
-        parts, start = [], 0
-        for n in (7, 1, 5, 1, ids.shape[1]):
-            chunk = ids[:, start:start + n]
-            if chunk.shape[1]:
-                parts.append(ours(chunk, cache=cache))
-            start += n
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=0)
+        assert_logits_agree(ours, chunked_pass(ours, ids), full)
+        # the bound is tight enough to see a cache that lost one position of 14 before the last chunk
+        broken = chunked_pass(ours, ids, drop=3)
+    with pytest.raises(AssertionError, match="more than the error model's bound"):
+        assert_logits_agree(ours, broken[:, 14:], full[:, 14:])
 
 
 def test_tokenizer_ids_match_transformers(ours, theirs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import GreedyContract
 
 PROMPTS = ["ROMEO:\nWhat light", "To be, or not to be", "KING HENRY:\nNow", "First Citizen:\n"]
 N = 40
@@ -22,11 +23,18 @@ def ar(model):
     return model.generate(PROMPTS, "ar", max_new_tokens=N)
 
 
+def prompt_ids(model, text):
+    return model.tokenizer.encode(text, add_special_tokens=True)  # as generate() encodes it
+
+
 def test_ar_batch_equals_rows_alone(model, ar):
+    contract = GreedyContract(model)  # a batch is a wider forward: equal up to near ties (README)
     for p, row in zip(PROMPTS, ar.rows, strict=True):
         alone = model.generate(p, "ar", max_new_tokens=N)
-        assert row.ids == alone.ids and row.text == alone.text
+        if contract.same(prompt_ids(model, p), row.ids, alone.ids):
+            assert row.text == alone.text
         assert row.text == model.tokenizer.decode(row.ids)
+    contract.assert_rare()
     assert ar.metrics.forwards == max(r.metrics.forwards for r in ar.rows)
     assert ar.metrics.tokens_per_forward == 1
 
@@ -35,10 +43,13 @@ def test_ar_batch_equals_rows_alone(model, ar):
                                                ("spec-quadratic", 8)])
 def test_self_speculation_equals_ar(model, ar, mode, block_length):
     out = model.generate(PROMPTS, mode, max_new_tokens=N, block_length=block_length)
-    assert [r.ids for r in out.rows] == [r.ids for r in ar.rows]
-    assert out.texts == ar.texts
+    contract = GreedyContract(model)
+    for p, r, a in zip(PROMPTS, out.rows, ar.rows, strict=True):
+        if contract.same(prompt_ids(model, p), r.ids, a.ids):
+            assert r.text == a.text
     alone = model.generate(PROMPTS[1], mode, max_new_tokens=N, block_length=block_length)
-    assert alone.ids == ar.rows[1].ids
+    contract.same(prompt_ids(model, PROMPTS[1]), alone.ids, ar.rows[1].ids)
+    contract.assert_rare()
     # a jointly trained model's diffusion drafts agree with its verifier some of the time (how often
     # depends on a minute of training, so only that it happens is asserted)
     acceptance = out.metrics.acceptance_lengths
@@ -47,7 +58,7 @@ def test_self_speculation_equals_ar(model, ar, mode, block_length):
 
 def test_diffusion(model, ar):
     one = model.generate(PROMPTS, "diffusion", max_new_tokens=N, block_length=1)
-    assert [r.ids for r in one.rows] == [r.ids for r in ar.rows]
+    assert [r.ids for r in one.rows] == [r.ids for r in ar.rows]  # exact: the same batched forwards as AR's
     out = model.generate(PROMPTS, "diffusion", max_new_tokens=N, block_length=8)
     assert [r.ids for r in out.rows] == [model.generate(p, "diffusion", max_new_tokens=N, block_length=8).ids
                                           for p in PROMPTS]

@@ -9,8 +9,8 @@ from conftest import tiny_text_model
 
 from tridlm import lora
 from tridlm.bench.prompts import load_prompts
-from tridlm.bench.suite import machine_info
 from tridlm.eval import modes
+from tridlm.machine import machine_info
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "generate", "chat", "train", "convert", "serve", "bench", "eval", "infill", "revise")
+COMMANDS = ("demo", "generate", "chat", "train", "convert", "serve", "bench", "eval", "infill", "revise", "env")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,8 +3,11 @@
 One thread owns the model and one `DecodeBatch`. Between two steps it drops cancelled requests
 (freeing their cache rows) and admits waiting ones, so requests join and leave continuously; each
 row computes what it would alone (the batch contract), so a request's greedy output does not depend
-on what else runs. Output goes to each request's own event queue as soon as the row makes it final
-(an asyncio queue fed with `call_soon_threadsafe`, or a plain thread-safe queue).
+on what else runs -- up to near ties: a batch is a wider forward whose kernels round differently, so
+at a position whose top-2 logit gap is below the error bound of `tridlm.numerics` (README, "What is
+exact") a request may get the other of two near-equal tokens. Output goes to each request's own
+event queue as soon as the row makes it final (an asyncio queue fed with `call_soon_threadsafe`, or a
+plain thread-safe queue).
 
     engine = Engine(model, tokenizer, EngineConfig(max_running=16))
     req = engine.submit([prompt_ids], GenerationParams(mode="auto", max_new_tokens=64))

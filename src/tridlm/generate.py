@@ -163,6 +163,14 @@ def generate(model: TriModeLM, prompt, mode: str = "ar", *, tokenizer=None, stre
     Returns a `GenerationResult` (`.text`, `.ids`, `.metrics`, `.rows`), or with stream=True a
     `GenerationStream` of `TextChunk`s whose `.result` is set at the end.
     Raises `GenerationError` (a ValueError) for invalid parameters or prompts, before any forward.
+
+    What is exact (README; the error model is `tridlm.numerics`): at temperature 0 the same call
+    gives the same tokens, and diffusion at block_length=1 gives AR's tokens, bit for bit (same
+    forwards, same shapes). "spec" and "spec-quadratic" give AR's tokens, and a batch gives each
+    row's tokens alone, except at a near tie: a position whose exact top-2 logit gap is below 2E
+    (a few thousandths of a logit for a 135M model in fp32), where the other kernel shapes of a
+    wider forward may pick the other token. In bf16 that bound is of the order of a logit: the
+    agreement is measured (`tridlm bench`), not guaranteed.
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     revision = {k: params.pop(k) for k in ("revise_rounds", "revise_threshold", "revise_budget", "revise_groups")

@@ -20,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..machine import cache_root, cpu_isa, cpu_name
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64)
 BATCH_SIZES = (1, 4, 16)
@@ -38,17 +39,15 @@ PRIOR_ACCEPT_RATE = 0.8
 
 
 def cache_dir() -> Path:
-    """`$TRIDLM_CACHE/profiles`, else under `$XDG_CACHE_HOME/tridlm` or `~/.cache/tridlm`."""
-    if os.environ.get("TRIDLM_CACHE"):
-        return Path(os.environ["TRIDLM_CACHE"]).expanduser() / "profiles"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tridlm" / "profiles"
+    """Profiles live in `profiles/` under tridlm's cache folder (`tridlm.machine.cache_root`)."""
+    return cache_root() / "profiles"
 
 
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    return f"{cpu_name()} ({cpu_isa()}) x{torch.get_num_threads()} threads"
 
 
 def shape_key(model) -> str:

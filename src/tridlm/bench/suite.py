@@ -4,7 +4,6 @@ block_length="auto", roofline, where the time goes -- and every output written."
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..machine import machine_info
 from .cost_profile import (
     AcceptanceProfile,
     best_block_length,
@@ -27,32 +27,6 @@ TARGET_HF_RATIO = 2.0
 TARGET_ROOFLINE = 0.60
 TARGET_SPEC_SPEEDUP = 1.5
 TARGET_RSS_BYTES = 1.5e9
-
-
-def machine_info(device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "memory_gib": _mem_gib(), "device": str(device)}
-    if torch.device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _mem_gib() -> float | None:
-    try:
-        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def load_model(name, device, log: Callable[[str], None] = print):

@@ -131,9 +131,9 @@ def run_modes(args, log) -> int:
     from pathlib import Path
 
     from tridlm.bench.prompts import load_prompts
-    from tridlm.bench.suite import machine_info
     from tridlm.checkpoint import load
     from tridlm.eval import modes, suite
+    from tridlm.machine import machine_info
 
     prompts = load_prompts(args.prompts or modes.DEFAULT_SET)  # a bad set name fails before loading
     for name in ("max_new_tokens", "batch", "repeats", "block_length"):

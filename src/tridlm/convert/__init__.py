@@ -19,9 +19,9 @@ from ..model import TriModeLM
 from .common import CONVERTER_VERSION, ConvertError, Imported, build, file_sha256, prepare_out
 from .from_gguf import inspect_gguf, is_gguf
 from .from_hf import inspect_hf_folder
-from .smollm2 import SMOLLM2_INSTALL_HINT, cache_dir, smollm2_base, smollm2_gguf_path
+from .smollm2 import SMOLLM2_INSTALL_HINT, smollm2_base, smollm2_gguf_path
 
-__all__ = ["CONVERTER_VERSION", "ConvertError", "SMOLLM2_INSTALL_HINT", "build", "cache_dir", "convert", "convert_gguf",
+__all__ = ["CONVERTER_VERSION", "ConvertError", "SMOLLM2_INSTALL_HINT", "build", "convert", "convert_gguf",
            "convert_hf_folder", "inspect_source", "load_source", "smollm2_base", "smollm2_gguf_path"]
 
 

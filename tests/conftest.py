@@ -29,9 +29,10 @@ def pytest_configure(config):
 
 
 def _suite_line() -> str:
-    from tridlm.machine import machine_summary
+    from tridlm.machine import cpu_isa, cpu_name
 
-    return f"tridlm: {machine_summary()}; suite threads {suite_threads()} (TRIDLM_TEST_THREADS)"
+    return (f"tridlm: {cpu_name()} ({cpu_isa()}), torch {torch.__version__}; "
+            f"suite threads {suite_threads()} (TRIDLM_TEST_THREADS)")
 
 
 def pytest_report_header(config):

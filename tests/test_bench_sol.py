@@ -124,7 +124,7 @@ def test_sol_on_real_model_leaves_cache_alone_and_bounds_hold():
         k0 = cache.k.clone()
         r = analyse_block(block_denoiser(model, cache), empty_block(8).fill_(model.config.mask_token_id),
                           model.config.mask_token_id)
-    assert torch.equal(cache.k, k0) and cache.lengths.tolist() == [7]
+    assert torch.equal(cache.k[..., :7, :], k0[..., :7, :]) and cache.lengths.tolist() == [7]  # past 7: scratch
     assert model.config.mask_token_id not in r.target
     assert 1 <= r.sol_passes <= r.oracle_passes == 8 and 1 <= r.greedy_passes <= 8
 

@@ -70,11 +70,6 @@ def machine_info(device) -> dict:
     return info
 
 
-def machine_summary() -> str:
-    """One line: CPU, ISA, threads, torch."""
-    return f"{cpu_name()} ({cpu_isa()}), {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
 def _folder_size(folder: Path) -> int:
     total = 0
     for path in folder.rglob("*"):

@@ -18,6 +18,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModelConfig, RopeParameters, llama4_query_scale
+from .fusion import FusedProjections
 from .masks import full_mask, new_token_mask
 
 
@@ -84,19 +85,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
+        self.qkv = FusedProjections(self, ("q_proj", "k_proj", "v_proj"))
+        self.out = FusedProjections(self, ("o_proj",))
 
     def forward(self, x, cos, sin, q_scale, layer: int, ctx: _AttnContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(x) if ctx.fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if q_scale is not None:  # Llama-4 scaling, applied after RoPE
             q = q * q_scale
         keys, values = ctx.keys_values(layer, k, v)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.out(out)[0] if ctx.fused else self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -105,8 +110,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_up = FusedProjections(self, ("gate_proj", "up_proj"))
+        self.down = FusedProjections(self, ("down_proj",))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused:
+            gate, up = self.gate_up(x)
+            return self.down(F.silu(gate) * up)[0]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -120,7 +130,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, q_scale, layer: int, ctx: _AttnContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, q_scale, layer, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), ctx.fused)
 
 
 class Encoder(nn.Module):
@@ -137,6 +147,7 @@ class _AttnContext:
     def __init__(self, cache: KVCache | None, write: bool, mask: torch.Tensor | None, uniform: int | None):
         self.cache, self.write, self.mask, self.uniform = cache, write, mask, uniform
         self.key_len = 0
+        self.fused = False  # fused projections (tridlm.fusion): at inference, not when gradients flow
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         c = self.cache
@@ -146,7 +157,13 @@ class _AttnContext:
             c.write(layer, k, v, self.uniform)
             return c.k[layer, :, :, :self.key_len], c.v[layer, :, :, :self.key_len]
         n_prefix = self.key_len - k.shape[2]
-        return (torch.cat([c.k[layer, :, :, :n_prefix], k], dim=2),
+        if self.key_len <= c.max_len:
+            # read-only pass: the new keys go to slots past every row's length (garbage by the cache's
+            # contract), so attention reads one slice instead of a per-layer copy of the whole prefix
+            c.k[layer, :, :, n_prefix:self.key_len] = k
+            c.v[layer, :, :, n_prefix:self.key_len] = v
+            return c.k[layer, :, :, :self.key_len], c.v[layer, :, :, :self.key_len]
+        return (torch.cat([c.k[layer, :, :, :n_prefix], k], dim=2),  # no room past the rows: a copy
                 torch.cat([c.v[layer, :, :, :n_prefix], v], dim=2))
 
 
@@ -163,6 +180,7 @@ class TriModeLM(nn.Module):
         self.tokenizer = None  # attached by tridlm.load when the folder has one
         self.draft_adapter: dict | None = None  # set by tridlm.lora.attach (a LoRA drafter)
         self._draft_gate = None
+        self.fuse_projections = True  # tridlm.fusion at inference; the trainer turns it off
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -229,6 +247,7 @@ class TriModeLM(nn.Module):
         x = self.encoder.embed_tokens(input_ids)
         cos, sin, q_scale = self._rope(positions, x.dtype)
         ctx = self._attention_context(B, T, pattern, block_size, cache, write_cache, valid, dev)
+        ctx.fused = self.fuse_projections and not torch.is_grad_enabled()
         if self._draft_gate is not None:
             self._draft_gate.value = self._draft_gate_value(draft, pattern, B, T, x.dtype, dev)
         try:

@@ -239,6 +239,8 @@ class Trainer:
         ckpts = state.list_checkpoints(self.ckpt_root) if r.resume else []
         resume_from = ckpts[-1][1] if ckpts else None
         self.base_model = self._build_model(resume_from)
+        # fusion re-lays parameters out in memory (tridlm.fusion): never under DDP/FSDP's bookkeeping
+        self.base_model.fuse_projections = False
         self.config = self.base_model.config
         self.block_size = r.objective.block_size or self.config.block_size
         self.fim = FimConfig(r.objective.fim_rate, r.objective.hole_rate)

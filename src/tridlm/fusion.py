@@ -1,0 +1,99 @@
+"""Projections that read the same input, computed as one matrix product at inference.
+
+q/k/v read one normed input, gate/up another. `FusedProjections` lays the group's weights out as
+rows of one tensor and turns the members' parameters into views of it, so the checkpoint keeps the
+NLD names and nothing is stored twice. A LoRA drafter (tridlm.lora) is folded in the same way: its
+A matrices become extra rows of that tensor (one product gives the base outputs and every x @ A.T),
+its B matrices blocks of one block-diagonal matrix (one small product per group). A one-token
+decoding step then runs 4 weight products per layer instead of 7, and a draft pass 8 instead of 21.
+Tokens that are not drafts always get the base rows' own product (the same shapes as without a
+drafter), so AR mode and verify tokens compute exactly what the base model computes.
+
+The layout is checked before each use (the members' storage pointers) and rebuilt when something
+replaced a parameter -- `.to(dtype)`, `load_state_dict(assign=True)`, `deepcopy`, attaching a drafter
+-- so the members always read and write the fused storage. Training (grad mode) uses the members
+one by one: the same values, per-parameter gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class FusedProjections:
+    """The members `names` of module `owner` (nn.Linear or tridlm.lora.LoRALinear), as one product."""
+
+    def __init__(self, owner, names: tuple[str, ...]):
+        self.owner, self.names = owner, names
+        self._ptrs: tuple | None = None
+        self._weight = self._block_b = self._gate_src = None
+        self._n_base, self._splits, self._scaling = 0, [], 1.0
+
+    def members(self) -> list:
+        return [getattr(self.owner, n) for n in self.names]
+
+    def _params(self, members) -> list[torch.Tensor]:
+        ps = [m.weight for m in members]
+        ps += [m.lora_A for m in members if hasattr(m, "lora_A")]
+        ps += [m.lora_B for m in members if hasattr(m, "lora_B")]
+        return ps
+
+    def _ensure(self) -> None:
+        members = self.members()
+        params = self._params(members)
+        if self._ptrs == tuple(p.data_ptr() for p in params):
+            return
+        inference = {p.is_inference() for p in params}  # a model loaded under torch.inference_mode
+        if len(inference) > 1:
+            raise RuntimeError(f"{self.names}: some parameters were made under torch.inference_mode and some "
+                               "not; load the model and its drafter in the same mode")
+        # the fused storage is made like the parameters it replaces, with no autograd history
+        with torch.inference_mode(inference.pop()), torch.no_grad():
+            self._fuse(members)
+        self._ptrs = tuple(p.data_ptr() for p in self._params(members))
+
+    def _fuse(self, members) -> None:
+        w0 = members[0].weight
+        lora = [m for m in members if hasattr(m, "lora_A")]
+        self._splits = [m.weight.shape[0] for m in members]
+        self._n_base = sum(self._splits)
+        rows = self._n_base + sum(m.lora_A.shape[0] for m in lora)
+        weight = torch.empty(rows, w0.shape[1], dtype=w0.dtype, device=w0.device)
+        start = 0
+        for p in [m.weight for m in members] + [m.lora_A for m in lora]:
+            n = p.shape[0]
+            weight[start:start + n].copy_(p)
+            p.data = weight[start:start + n]
+            start += n
+        self._weight, self._block_b, self._gate_src = weight, None, None
+        if lora:
+            scalings = {m.scaling for m in lora}
+            if len(scalings) != 1:
+                raise ValueError(f"fused projections {self.names} need one LoRA scaling, got {sorted(scalings)}")
+            self._scaling = scalings.pop()
+            block = torch.zeros(self._n_base, sum(m.lora_A.shape[0] for m in lora), dtype=w0.dtype, device=w0.device)
+            out, r0 = 0, 0
+            for m in members:
+                if hasattr(m, "lora_B"):
+                    r = m.lora_B.shape[1]
+                    block[out:out + m.weight.shape[0], r0:r0 + r].copy_(m.lora_B)
+                    m.lora_B.data = block[out:out + m.weight.shape[0], r0:r0 + r]
+                    r0 += r
+                out += m.weight.shape[0]
+            self._block_b, self._gate_src = block, lora[0].gate
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self._ensure()
+        gate = self._gate_src.value if self._gate_src is not None else None
+        if gate is None:  # no draft token: the base rows only, exactly the base model's products
+            y = F.linear(x, self._weight[:self._n_base])
+        elif isinstance(gate, str):  # every token a draft: base outputs and x @ A.T from one product
+            both = F.linear(x, self._weight)
+            y, xa = both[..., :self._n_base], both[..., self._n_base:]
+            y = y + F.linear(xa, self._block_b) * self._scaling
+        else:  # drafts among base tokens: the base tokens keep the base model's exact products
+            y = F.linear(x, self._weight[:self._n_base])
+            xa = F.linear(x, self._weight[self._n_base:])
+            y = y + F.linear(xa, self._block_b) * self._scaling * gate
+        return list(y.split(self._splits, dim=-1)) if len(self._splits) > 1 else [y]

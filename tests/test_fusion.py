@@ -1,0 +1,123 @@
+"""Fused projections (tridlm.fusion): the same logits as one product per projection, in every pattern,
+with and without a drafter; the fused layout follows whatever replaces or changes a parameter."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import assert_logits_agree, random_model
+
+import tridlm
+from tridlm import lora
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def drafted(seed: int = 0):
+    m = random_model(seed)
+    lora.attach(m, rank=4, alpha=8)
+    with torch.no_grad():
+        for p in lora.lora_parameters(m).values():
+            p.normal_(0, 0.2)
+    return m
+
+
+def both_ways(model, *args, **kw):
+    """(fused, unfused) outputs of one forward."""
+    out, make_cache = {}, kw.pop("make_cache", lambda: None)
+    for fuse in (True, False):
+        model.fuse_projections = fuse
+        with torch.no_grad():
+            cache = make_cache()
+            if cache is not None:
+                model(torch.arange(4, 13)[None].expand(args[0].shape[0], -1), cache=cache)
+            out[fuse] = model(*args, cache=cache, **kw) if cache is not None else model(*args, **kw)
+    model.fuse_projections = True
+    return out[True], out[False]
+
+
+@pytest.mark.parametrize("with_drafter", [False, True])
+@pytest.mark.parametrize("pattern", ["causal", "block", "dual", "explicit", "mixed-gate"])
+def test_fused_forward_gives_the_unfused_logits(with_drafter, pattern):
+    m = drafted(1) if with_drafter else random_model(1)
+    ids = torch.randint(4, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    kw = {}
+    if pattern == "dual":
+        kw = dict(positions=torch.arange(4).repeat(2)[None].expand(2, -1), pattern="dual", block_size=2)
+    elif pattern == "explicit":
+        some = torch.rand(8, 8, generator=torch.Generator().manual_seed(1)) < 0.5
+        kw = dict(pattern=some | torch.eye(8, dtype=torch.bool))
+    elif pattern == "mixed-gate":
+        kw = dict(pattern="block", draft=torch.arange(8)[None].expand(2, -1) % 3 == 0)
+    else:
+        kw = dict(pattern=pattern)
+    fused, plain = both_ways(m, ids, **kw)
+    assert_logits_agree(m, fused, plain)
+    if pattern != "dual":  # over a prefix in the cache too (read-only for block / explicit patterns)
+        kw.pop("positions", None)
+        fused, plain = both_ways(m, ids, make_cache=lambda: m.new_cache(2, 32), **kw)
+        assert_logits_agree(m, fused, plain)
+
+
+def test_a_drafter_changes_only_draft_tokens_and_non_drafts_stay_exact():
+    base, m = random_model(2), drafted(2)
+    ids = torch.randint(4, 64, (1, 8), generator=torch.Generator().manual_seed(2))
+    gate = torch.zeros(1, 8, dtype=torch.bool)
+    gate[0, 5] = True
+    with torch.no_grad():
+        assert torch.equal(m(ids), base(ids))  # causal: the base rows of the fused weight, same shapes
+        mixed = m(ids, pattern="causal", draft=gate)
+        assert torch.equal(mixed[:, :5], base(ids)[:, :5])  # tokens before the draft: exactly the base
+        assert (mixed[:, 5] - base(ids)[:, 5]).abs().max() > 1e-3
+
+
+def test_the_layout_follows_changes_and_replacements():
+    m = drafted(3)
+    ids = torch.randint(4, 64, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        m(ids)  # fuse
+        attn = m.encoder.layers[0].self_attn
+        assert attn.v_proj.weight.data_ptr() != attn.q_proj.weight.data_ptr()
+        assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.v_proj.weight.untyped_storage().data_ptr()
+        attn.v_proj.weight *= 2  # an in-place change reaches the fused storage
+        for pattern in ("causal", "block"):
+            assert_logits_agree(m, *both_ways(m, ids, pattern=pattern))
+        twin = copy.deepcopy(m)  # a copy fuses its own storage
+        assert_logits_agree(m, twin(ids, pattern="block"), m(ids, pattern="block"))
+        half = copy.deepcopy(m).to(torch.bfloat16)
+        assert half(ids, pattern="block").dtype == torch.bfloat16
+        assert_logits_agree(half, *both_ways(half, ids, pattern="block"))
+
+
+def test_checkpoint_names_and_bits_survive_fusion(tmp_path):
+    m = drafted(4)
+    names = sorted(m.state_dict())
+    with torch.no_grad():
+        m(torch.tensor([[5, 6, 7]]), pattern="block")
+    assert sorted(m.state_dict()) == names and "encoder.layers.0.self_attn.q_proj.weight" in names
+    m.save(tmp_path / "ckpt")
+    back = tridlm.load(tmp_path / "ckpt")
+    for k, v in m.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_gradients_reach_every_parameter_unfused():
+    m = drafted(5)
+    with torch.no_grad():
+        m(torch.tensor([[5, 6, 7]]), pattern="block")  # fused once
+    m(torch.tensor([[5, 6, 7, 8]]), pattern="block").sum().backward()
+    attn = m.encoder.layers[1].self_attn
+    assert attn.q_proj.weight.grad is not None and attn.k_proj.lora_A.grad is not None
+    assert attn.v_proj.lora_B.grad is not None and m.encoder.layers[1].mlp.up_proj.weight.grad is not None
+
+
+def test_a_model_loaded_under_inference_mode_fuses_and_runs_outside_it():
+    with torch.inference_mode():
+        m = random_model(6)
+        ids = torch.tensor([[5, 6, 7]])
+        inside = m(ids)
+    m.fuse_projections = False
+    with torch.inference_mode():
+        assert_logits_agree(m, m(ids), inside)

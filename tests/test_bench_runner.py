@@ -87,3 +87,68 @@ def test_run_bench_writes_every_output(tiny, tmp_path, monkeypatch):
                     "Threshold sweep", "Batch size sweep", "dtype sweep"):
         assert heading in md
     assert rep["wall_time_s"] > 0
+
+
+class FakeLlamaCpp:
+    """Stands in for llama-cpp-python: greedy AR of the same tiny model, one token per call of ours."""
+
+    made: list = []
+
+    def __init__(self, model, gguf, quant, threads):
+        self.model, self.quant = model, quant
+        FakeLlamaCpp.made.append((gguf, quant, threads))
+
+    def generate(self, prompt_ids, max_new_tokens, eos_token_id, ignore_eos):
+        out = self.model.generate(prompt_ids, "ar", max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
+                                  eos_token_id=eos_token_id)
+        return out.ids, 0.01 * max(1, len(out.ids))
+
+
+def test_llama_cpp_anchor_runs_each_format_with_a_fake_runner(tiny, monkeypatch):
+    from tridlm.bench import llama_cpp
+    from tridlm.bench.prompts import load_prompts
+    from tridlm.bench.runner import run_configs
+
+    FakeLlamaCpp.made.clear()
+    monkeypatch.setattr(llama_cpp, "available", lambda: True)
+    monkeypatch.setattr(llama_cpp, "make_runner", lambda gguf, quant, threads: FakeLlamaCpp(tiny, gguf, quant, threads))
+    s = tiny_settings(modes=("ar",), hf_baseline=False, dtypes=("fp32",), batch_sizes=(1,), gguf="model.gguf",
+                      llama_cpp_quants=("Q8_0", "BF16"))
+    prompts = load_prompts(s.prompts, s.n_prompts)
+    res = {r.config.label: r for r in run_configs(tiny, prompts, s, log=lambda *_: None)}
+    assert [m[:2] for m in FakeLlamaCpp.made] == [("model.gguf", "Q8_0"), ("model.gguf", "BF16")]
+    for quant in ("Q8_0", "BF16"):
+        r = res[f"llama.cpp b=1 {quant}"]
+        assert r.quality["identical_to_ar"] == len(prompts)  # judged against fp32 AR, the same weights
+        assert r.generated_tokens == res["ar b=1 fp32"].generated_tokens
+        assert r.tokens_per_s_median == pytest.approx(100.0)  # the fake's 10 ms per token
+
+
+def test_llama_cpp_anchor_is_skipped_with_the_fix_named_when_absent(tiny, monkeypatch):
+    from tridlm.bench import llama_cpp
+    from tridlm.bench.prompts import load_prompts
+    from tridlm.bench.runner import run_configs
+
+    monkeypatch.setattr(llama_cpp, "available", lambda: False)
+    s = tiny_settings(modes=("ar",), hf_baseline=False, dtypes=("fp32",), batch_sizes=(1,), gguf="model.gguf")
+    lines = []
+    res = run_configs(tiny, load_prompts(s.prompts, s.n_prompts), s, log=lines.append)
+    assert all(r.config.mode != "llama.cpp" for r in res)
+    assert any("llama-cpp-python is not installed" in x and "CMAKE_ARGS" in x for x in lines)
+
+
+def test_llama_cpp_runner_on_the_real_package_when_installed(tmp_path, monkeypatch):
+    from tridlm.bench import llama_cpp
+    from tridlm.convert import ConvertError, smollm2_gguf_path
+
+    if not llama_cpp.available():
+        pytest.skip("llama-cpp-python is not installed (a bench extra)")
+    try:
+        gguf = smollm2_gguf_path()
+    except ConvertError as e:
+        pytest.skip(str(e))
+    monkeypatch.setenv("TRIDLM_CACHE", str(tmp_path))
+    runner = llama_cpp.make_runner(gguf, "Q4_1", threads=1)
+    assert runner.path == gguf  # its own format: no copy
+    ids, seconds = runner.generate([1, 4093, 198, 19161, 253], 5, eos_token_id=2, ignore_eos=True)
+    assert len(ids) == 5 and seconds > 0

@@ -37,7 +37,7 @@ def markdown(rep: dict, plot_prefix: str = "") -> str:
     res = rep["results"]
     m, s = rep["machine"], rep["settings"]
     by_sweep = {k: [r for r in res if k in r["sweeps"]] for k in ("main", "block", "threshold", "batch", "dtype")}
-    where = m.get("gpu") or m["cpu"]
+    where = m.get("gpu") or m["cpu"] + (f" ({m['cpu_isa']})" if m.get("cpu_isa") else "")
     L = [
         f"Command: `{rep['command']}`",
         "",
@@ -46,6 +46,9 @@ def markdown(rep: dict, plot_prefix: str = "") -> str:
         f"{_f((rep.get('load_average_start') or [None])[0])} at the start, "
         f"{_f((rep.get('load_average_end') or [None])[0])} at the end.",
         "",
+        *([f"llama.cpp: {rep['llama_cpp']['package']}, built with {rep['llama_cpp']['build']}; the GGUF "
+           f"`{rep['llama_cpp']['gguf']}` and its Q8_0 / BF16 copies made with llama.cpp's quantize call "
+           "(the same weights tridlm runs, dequantized).", ""] if rep.get("llama_cpp") else []),
         f"Model: `{rep['model']['path']}` ({rep['model']['parameters'] / 1e6:.1f} M parameters). "
         f"Prompts: {len(rep['prompts'])} from `{s['prompts']}`; {s['max_new_tokens']} new tokens at most"
         f"{' (EOS ignored)' if s['ignore_eos'] else ', stopping at EOS'}; greedy; {s['repeats']} timed repeats "

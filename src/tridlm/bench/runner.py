@@ -15,21 +15,23 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 
 import torch
 
 from .prompts import Prompt, is_correct
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BASELINES = ("hf", "llama.cpp")  # other engines, AR at batch 1
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    mode: str  # "ar" | "diffusion" | "spec" | "spec-quadratic" | "hf" (transformers generate)
+    mode: str  # "ar" | "diffusion" | "spec" | "spec-quadratic" | "hf" (transformers generate) | "llama.cpp"
     block_length: int | str | None = None  # int, "auto", or None (modes without blocks)
     threshold: float | None = None
     batch_size: int = 1
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # llama.cpp: its GGUF format (Q4_1, Q8_0, BF16)
 
     @property
     def label(self) -> str:
@@ -61,6 +63,9 @@ class BenchSettings:
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     dtype_sweep_modes: tuple[str, ...] | None = None  # None: every mode of the main comparison
     hf_baseline: bool = True
+    llama_cpp: bool = True  # when llama-cpp-python is installed and the model has a GGUF (bench/llama_cpp.py)
+    llama_cpp_quants: tuple[str, ...] = ("Q4_1", "Q8_0", "BF16")
+    gguf: str | None = None  # the GGUF llama.cpp runs; "default" / "smollm2" models find theirs
     sol_prompts: int = 4
     sol_blocks_per_prompt: int = 1
     sol_budget: int = 1000  # check forwards per block; the paper allows 5000, too slow for a CPU run
@@ -216,15 +221,15 @@ def measure_tridlm(model, cfg: BenchConfig, L: int | None, prompt_ids: list[list
     return ConfigResult(cfg, [], L, rates, tokens, forwards, calls, acc, outputs)
 
 
-def measure_hf(hf, cfg: BenchConfig, prompt_ids: list[list[int]], s: BenchSettings, eos: int | None) -> ConfigResult:
-    from .hf_baseline import hf_generate
-
-    hf_generate(hf, prompt_ids[0], min(4, s.max_new_tokens), eos, s.ignore_eos)  # warm-up
+def measure_baseline(generate: Callable, cfg: BenchConfig, prompt_ids: list[list[int]], s: BenchSettings,
+                     eos: int | None) -> ConfigResult:
+    """Another engine, AR greedy at batch 1: `generate(ids, max_new_tokens, eos, ignore_eos)` -> (ids, seconds)."""
+    generate(prompt_ids[0], min(4, s.max_new_tokens), eos, s.ignore_eos)  # warm-up
     rates, outputs = [], []
     for rep in range(s.repeats):
         n_tok, wall = 0, 0.0
         for ids in prompt_ids:
-            out, dt = hf_generate(hf, ids, s.max_new_tokens, eos, s.ignore_eos)
+            out, dt = generate(ids, s.max_new_tokens, eos, s.ignore_eos)
             n_tok += len(out)
             wall += dt
             if rep == 0:
@@ -289,7 +294,7 @@ def model_in_dtype(model, dtype: str):
 def run_configs(model, prompts: list[Prompt], s: BenchSettings, log: Callable[[str], None] = print,
                 resolve_auto: Callable | None = None) -> list[ConfigResult]:
     """Measure every planned configuration; `resolve_auto(model, results, batch)` picks L for "auto"."""
-    from .hf_baseline import to_transformers, transformers_available
+    from .hf_baseline import hf_generate, to_transformers, transformers_available
 
     tokenizer = model.tokenizer
     prompt_ids = [p.encode(tokenizer) for p in prompts]
@@ -314,7 +319,7 @@ def run_configs(model, prompts: list[Prompt], s: BenchSettings, log: Callable[[s
                 r = replace(done[key], config=cfg, sweeps=sorted(sweeps), tokens_per_s=list(done[key].tokens_per_s))
             elif cfg.mode == "hf":
                 hf = hf or to_transformers(m)
-                r = measure_hf(hf, cfg, prompt_ids, s, None if s.ignore_eos else m.config.eos_token_id)
+                r = measure_baseline(partial(hf_generate, hf), cfg, prompt_ids, s, m.config.eos_token_id)
             else:
                 r = measure_tridlm(m, cfg, L, prompt_ids, s)
             r.sweeps = sorted(sweeps)
@@ -323,11 +328,40 @@ def run_configs(model, prompts: list[Prompt], s: BenchSettings, log: Callable[[s
             log(f"  {cfg.label:<32} {r.tokens_per_s_median:8.2f} tok/s  TPF {r.tpf or 0:5.2f}  "
                 f"({time.perf_counter() - t0:.0f} s)")
         del hf, m
+    results += _llama_cpp_results(model, prompt_ids, s, log)
     # quality, against AR greedy at the same dtype (batch 1)
     refs = {r.config.dtype: r.outputs for r in results if r.config.mode == "ar" and r.config.batch_size == 1}
+    # llama.cpp runs the GGUF's weights, which tridlm holds in fp32: its reference is fp32 AR
+    refs.update({q: refs.get("fp32") for q in s.llama_cpp_quants})
     ar_rate = {(r.config.dtype, r.config.batch_size): r.tokens_per_s_median for r in results if r.config.mode == "ar"}
     for r in results:
         r.quality = quality(r, prompts, prompt_ids, refs.get(r.config.dtype), model, tokenizer)
-        base = ar_rate.get((r.config.dtype, r.config.batch_size if r.config.mode != "hf" else 1))
+        base = ar_rate.get((r.config.dtype, r.config.batch_size if r.config.mode not in BASELINES else 1))
         r.speedup_vs_ar = r.tokens_per_s_median / base if base else None
     return results
+
+
+def _llama_cpp_results(model, prompt_ids: list[list[int]], s: BenchSettings, log) -> list[ConfigResult]:
+    """llama.cpp on the model's GGUF in each of `s.llama_cpp_quants`, when it can run here."""
+    from . import llama_cpp
+
+    if not s.llama_cpp:
+        return []
+    if s.gguf is None:
+        log("llama.cpp: no GGUF for this model (pass one as BenchSettings.gguf): no llama.cpp anchor")
+        return []
+    if not llama_cpp.available():
+        log(f"llama-cpp-python is not installed: no llama.cpp anchor (install it with: {llama_cpp.INSTALL_HINT})")
+        return []
+    out = []
+    eos = model.config.eos_token_id
+    for quant in s.llama_cpp_quants:
+        t0 = time.perf_counter()
+        runner = llama_cpp.make_runner(s.gguf, quant, torch.get_num_threads())
+        cfg = BenchConfig("llama.cpp", dtype=quant)
+        r = measure_baseline(runner.generate, cfg, prompt_ids, s, eos)
+        r.sweeps = ["main"]
+        out.append(r)
+        log(f"  {cfg.label:<32} {r.tokens_per_s_median:8.2f} tok/s  ({time.perf_counter() - t0:.0f} s)")
+        del runner
+    return out

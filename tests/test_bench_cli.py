@@ -26,7 +26,7 @@ def test_full_run_defaults_cover_the_issue_sweeps():
     assert parse().model == "default"
     assert not s.quick and s.hf_baseline
     assert s.block_lengths == (4, 8, 16, 32) and s.thresholds == (0.5, 0.7, 0.9, 0.95)
-    assert s.batch_sizes == (1, 4, 16) and s.dtypes == ("fp32", "bf16")
+    assert s.batch_sizes == (1, 4, 16) and s.dtypes == ("fp32", "bf16", "int8")  # int8: weight-only, opt-in
     assert s.cost_tokens[0] == 1 and s.cost_tokens[-1] == 64
 
 

@@ -35,7 +35,7 @@ def test_plan_covers_every_sweep_once():
     assert {c.block_length for c in cfgs if c.mode == "spec"} == {4, 8, 16, 32, "auto"}
     assert {c.threshold for c in cfgs if c.mode == "diffusion"} == {0.5, 0.7, 0.9, 0.95}
     assert {c.batch_size for c in cfgs} == {1, 4, 16}
-    assert {c.dtype for c in cfgs} == {"fp32", "bf16"}
+    assert {c.dtype for c in cfgs} == {"fp32", "bf16", "int8"}
     assert {c.mode for c in cfgs} == {"ar", "hf", "diffusion", "spec", "spec-quadratic"}
     # spec at the largest block runs before "auto", which reads its acceptance lengths
     order = [(c.mode, c.block_length, c.dtype) for c in cfgs]

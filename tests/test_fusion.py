@@ -11,6 +11,7 @@ from conftest import assert_logits_agree, random_model
 
 import tridlm
 from tridlm import lora
+from tridlm.fusion import FusedProjections
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -121,3 +122,43 @@ def test_a_model_loaded_under_inference_mode_fuses_and_runs_outside_it():
     m.fuse_projections = False
     with torch.inference_mode():
         assert_logits_agree(m, m(ids), inside)
+
+
+def dequantized_twin(m):
+    """A float copy of bf16 model `m` whose projection weights are exactly m's int8 values times their scales."""
+    twin = copy.deepcopy(m)
+    with torch.no_grad():
+        twin(torch.tensor([[5, 6]]))  # fuse the copy too
+        for a, b in zip(m.modules(), twin.modules(), strict=True):
+            for name in ("qkv", "out", "gate_up", "down", "head"):
+                group = getattr(a, name, None)
+                if isinstance(group, FusedProjections) and group._weight is not None:
+                    q, scales = group._int8_rows()
+                    getattr(b, name)._weight.copy_((q.float() * scales.float()[:, None]).to(torch.bfloat16))
+    return twin
+
+
+@pytest.mark.parametrize("with_drafter", [False, True])
+def test_int8_weights_compute_the_dequantized_model(with_drafter):
+    m = (drafted(7) if with_drafter else random_model(7)).to(torch.bfloat16).set_weight_format("int8")
+    ids = torch.randint(4, 64, (2, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        m(ids)  # fuse, quantize
+        twin = dequantized_twin(m).set_weight_format("float")
+        for pattern in ("causal", "block"):
+            got, want = m(ids, pattern=pattern), twin(ids, pattern=pattern)
+            assert_logits_agree(m, got, want)
+        m.set_weight_format("float")
+        assert not torch.equal(m(ids, pattern="block"), got)  # the int8 path did run: float weights differ
+
+
+def test_int8_is_refused_with_the_fix_when_it_cannot_run(monkeypatch):
+    from tridlm import fusion
+
+    with pytest.raises(ValueError, match=r"need bf16 activations.*to\(torch.bfloat16\)"):
+        random_model(8).set_weight_format("int8")
+    with pytest.raises(ValueError, match="unknown weight format 'int4'"):
+        random_model(8).set_weight_format("int4")
+    monkeypatch.setattr(fusion, "int8_available", lambda device: False)
+    with pytest.raises(ValueError, match="not available on cpu.*use bfloat16"):
+        random_model(8).to(torch.bfloat16).set_weight_format("int8")

@@ -21,6 +21,17 @@ import torch
 import torch.nn.functional as F
 
 
+def int8_available(device) -> bool:
+    """Whether torch's int8 weight-only product runs on `device` (CPU builds have it; not every GPU build)."""
+    try:
+        x = torch.ones(1, 32, dtype=torch.bfloat16, device=device)
+        w = torch.ones(8, 32, dtype=torch.int8, device=device)
+        torch.ops.aten._weight_int8pack_mm(x, w, torch.ones(8, dtype=torch.bfloat16, device=device))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 class FusedProjections:
     """The members `names` of module `owner` (nn.Linear or tridlm.lora.LoRALinear), as one product."""
 
@@ -29,6 +40,7 @@ class FusedProjections:
         self._ptrs: tuple | None = None
         self._weight = self._block_b = self._gate_src = None
         self._n_base, self._splits, self._scaling = 0, [], 1.0
+        self._int8: tuple | None = None  # (int8 rows, per-row scales, the float weight's version)
 
     def members(self) -> list:
         return [getattr(self.owner, n) for n in self.names]
@@ -66,7 +78,7 @@ class FusedProjections:
             weight[start:start + n].copy_(p)
             p.data = weight[start:start + n]
             start += n
-        self._weight, self._block_b, self._gate_src = weight, None, None
+        self._weight, self._block_b, self._gate_src, self._int8 = weight, None, None, None
         if lora:
             scalings = {m.scaling for m in lora}
             if len(scalings) != 1:
@@ -83,17 +95,38 @@ class FusedProjections:
                 out += m.weight.shape[0]
             self._block_b, self._gate_src = block, lora[0].gate
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _int8_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused weight as int8 with one scale per row (symmetric), made once and kept while the
+        float weight is unchanged (an in-place change bumps its version)."""
+        w = self._weight
+        version = None if w.is_inference() else w._version  # inference tensors cannot change outside it
+        if self._int8 is None or self._int8[2] != version:
+            with torch.inference_mode(w.is_inference()), torch.no_grad():
+                scales = (w.abs().amax(1).float() / 127).clamp(min=1e-12)
+                q = (w.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+            self._int8 = (q, scales.to(w.dtype), version)
+        return self._int8[0], self._int8[1]
+
+    def _product(self, x: torch.Tensor, rows: slice, int8: bool) -> torch.Tensor:
+        if not int8:
+            return F.linear(x, self._weight[rows])
+        q, scales = self._int8_rows()
+        flat = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q[rows], scales[rows])
+        return flat.view(*x.shape[:-1], -1)
+
+    def __call__(self, x: torch.Tensor, int8: bool = False) -> list[torch.Tensor]:
+        """The members' outputs for input x; int8: weight-only int8 products (bf16 activations)."""
         self._ensure()
         gate = self._gate_src.value if self._gate_src is not None else None
+        base = slice(0, self._n_base)
         if gate is None:  # no draft token: the base rows only, exactly the base model's products
-            y = F.linear(x, self._weight[:self._n_base])
+            y = self._product(x, base, int8)
         elif isinstance(gate, str):  # every token a draft: base outputs and x @ A.T from one product
-            both = F.linear(x, self._weight)
+            both = self._product(x, slice(None), int8)
             y, xa = both[..., :self._n_base], both[..., self._n_base:]
             y = y + F.linear(xa, self._block_b) * self._scaling
         else:  # drafts among base tokens: the base tokens keep the base model's exact products
-            y = F.linear(x, self._weight[:self._n_base])
-            xa = F.linear(x, self._weight[self._n_base:])
+            y = self._product(x, base, int8)
+            xa = self._product(x, slice(self._n_base, None), int8)
             y = y + F.linear(xa, self._block_b) * self._scaling * gate
         return list(y.split(self._splits, dim=-1)) if len(self._splits) > 1 else [y]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fusion
 from .cache import KVCache
 from .config import ModelConfig, RopeParameters, llama4_query_scale
 from .fusion import FusedProjections
@@ -90,7 +91,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, q_scale, layer: int, ctx: _AttnContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x) if ctx.fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q, k, v = self.qkv(x, ctx.int8) if ctx.fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -101,7 +102,7 @@ class Attention(nn.Module):
         keys, values = ctx.keys_values(layer, k, v)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, enable_gqa=self.n_kv != self.n_heads)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.out(out)[0] if ctx.fused else self.o_proj(out)
+        return self.out(out, ctx.int8)[0] if ctx.fused else self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -113,10 +114,10 @@ class MLP(nn.Module):
         self.gate_up = FusedProjections(self, ("gate_proj", "up_proj"))
         self.down = FusedProjections(self, ("down_proj",))
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False, int8: bool = False) -> torch.Tensor:
         if fused:
-            gate, up = self.gate_up(x)
-            return self.down(F.silu(gate) * up)[0]
+            gate, up = self.gate_up(x, int8)
+            return self.down(F.silu(gate) * up, int8)[0]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -130,7 +131,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, q_scale, layer: int, ctx: _AttnContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, q_scale, layer, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx.fused)
+        return x + self.mlp(self.post_attention_layernorm(x), ctx.fused, ctx.int8)
 
 
 class Encoder(nn.Module):
@@ -148,6 +149,7 @@ class _AttnContext:
         self.cache, self.write, self.mask, self.uniform = cache, write, mask, uniform
         self.key_len = 0
         self.fused = False  # fused projections (tridlm.fusion): at inference, not when gradients flow
+        self.int8 = False  # with int8 weight-only products (TriModeLM.weight_format)
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         c = self.cache
@@ -181,6 +183,8 @@ class TriModeLM(nn.Module):
         self.draft_adapter: dict | None = None  # set by tridlm.lora.attach (a LoRA drafter)
         self._draft_gate = None
         self.fuse_projections = True  # tridlm.fusion at inference; the trainer turns it off
+        self.weight_format = "float"  # or "int8": see set_weight_format
+        self.head = FusedProjections(self, ("diffusion_head",))
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -248,6 +252,7 @@ class TriModeLM(nn.Module):
         cos, sin, q_scale = self._rope(positions, x.dtype)
         ctx = self._attention_context(B, T, pattern, block_size, cache, write_cache, valid, dev)
         ctx.fused = self.fuse_projections and not torch.is_grad_enabled()
+        ctx.int8 = ctx.fused and self.weight_format == "int8"
         if self._draft_gate is not None:
             self._draft_gate.value = self._draft_gate_value(draft, pattern, B, T, x.dtype, dev)
         try:
@@ -263,7 +268,7 @@ class TriModeLM(nn.Module):
             x = torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
         if return_hidden:
             return x
-        return self.diffusion_head(x)
+        return self.head(x, ctx.int8)[0] if ctx.fused else self.diffusion_head(x)
 
     @staticmethod
     def _draft_gate_value(draft, pattern, B, T, dtype, device):
@@ -314,6 +319,21 @@ class TriModeLM(nn.Module):
         ctx = _AttnContext(cache, write, mask, uniform)
         ctx.key_len = key_len
         return ctx
+
+    def set_weight_format(self, fmt: str) -> TriModeLM:
+        """"int8": inference products read int8 weights with one scale per output row (weight-only, A16W8:
+        activations stay bf16), quantized once from the bf16 weights, which stay the parameters (training,
+        saving and gradients use them). Needs a bf16 model; "float" goes back. Opt-in: it changes outputs."""
+        if fmt not in ("float", "int8"):
+            raise ValueError(f"unknown weight format {fmt!r}; use 'float' or 'int8'")
+        if fmt == "int8" and self.dtype != torch.bfloat16:
+            raise ValueError(f"int8 weights need bf16 activations; the model is {self.dtype}: call "
+                             ".to(torch.bfloat16) first (torch's int8 weight-only product is fast only with bf16)")
+        if fmt == "int8" and not fusion.int8_available(self.device):
+            raise ValueError(f"int8 weight-only products are not available on {self.device} in torch "
+                             f"{torch.__version__}; use bfloat16 there")
+        self.weight_format = fmt
+        return self
 
     def num_parameters(self) -> int:
         seen, n = set(), 0

@@ -53,7 +53,8 @@ def device_name(device) -> str:
 def shape_key(model) -> str:
     """What latency depends on: the architecture, dtype, device and threads -- not the weights' values."""
     cfg = model.config.to_dict()
-    text = json.dumps({"cfg": cfg, "dtype": str(model.dtype), "device": device_name(model.device),
+    text = json.dumps({"cfg": cfg, "dtype": str(model.dtype), "weights": model.weight_format,
+                       "device": device_name(model.device),
                        "torch": torch.__version__}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -21,7 +21,7 @@ import torch
 
 from .prompts import Prompt, is_correct
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}  # int8: weight-only, bf16 act.
 BASELINES = ("hf", "llama.cpp")  # other engines, AR at batch 1
 
 
@@ -60,7 +60,7 @@ class BenchSettings:
     thresholds: tuple[float, ...] = (0.5, 0.7, 0.9, 0.95)
     threshold_block_lengths: tuple[int, ...] = (8, 32)  # block lengths the threshold sweep runs at
     batch_sizes: tuple[int, ...] = (1, 4, 16)
-    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    dtypes: tuple[str, ...] = ("fp32", "bf16", "int8")
     dtype_sweep_modes: tuple[str, ...] | None = None  # None: every mode of the main comparison
     hf_baseline: bool = True
     llama_cpp: bool = True  # when llama-cpp-python is installed and the model has a GGUF (bench/llama_cpp.py)
@@ -280,7 +280,8 @@ def quality(result: ConfigResult, prompts: list[Prompt], prompt_ids, reference, 
 
 
 def model_in_dtype(model, dtype: str):
-    if DTYPES[dtype] == model.dtype:
+    fmt = "int8" if dtype == "int8" else "float"
+    if DTYPES[dtype] == model.dtype and model.weight_format == fmt:
         return model
     tok, model.tokenizer = model.tokenizer, None  # the tokenizer is shared, not copied
     try:
@@ -288,7 +289,7 @@ def model_in_dtype(model, dtype: str):
     finally:
         model.tokenizer = tok
     other.tokenizer = tok
-    return other.eval()
+    return other.set_weight_format(fmt).eval()
 
 
 def run_configs(model, prompts: list[Prompt], s: BenchSettings, log: Callable[[str], None] = print,
@@ -308,8 +309,8 @@ def run_configs(model, prompts: list[Prompt], s: BenchSettings, log: Callable[[s
         m = model_in_dtype(model, dtype)
         hf = None
         for cfg, sweeps in plan:
-            if cfg.dtype != dtype or (cfg.mode == "hf" and not hf_ok):
-                continue
+            if cfg.dtype != dtype or (cfg.mode == "hf" and (not hf_ok or dtype == "int8")):
+                continue  # transformers has no int8 path of ours to compare with
             L = cfg.block_length
             if L == "auto":
                 L = resolve_auto(m, results, cfg.batch_size) if resolve_auto else 32
@@ -336,6 +337,9 @@ def run_configs(model, prompts: list[Prompt], s: BenchSettings, log: Callable[[s
     ar_rate = {(r.config.dtype, r.config.batch_size): r.tokens_per_s_median for r in results if r.config.mode == "ar"}
     for r in results:
         r.quality = quality(r, prompts, prompt_ids, refs.get(r.config.dtype), model, tokenizer)
+        if r.config.dtype != "fp32" and refs.get("fp32") is not None:  # what a narrower type changes
+            r.quality["agreement_with_fp32_ar"] = sum(
+                agreement(o, ref) for o, ref in zip(r.outputs, refs["fp32"], strict=True)) / len(refs["fp32"])
         base = ar_rate.get((r.config.dtype, r.config.batch_size if r.config.mode not in BASELINES else 1))
         r.speedup_vs_ar = r.tokens_per_s_median / base if base else None
     return results

@@ -53,8 +53,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 def add_load_args(p: argparse.ArgumentParser) -> None:
     """How a command loads its model: device, dtype, and whether a LoRA drafter is used."""
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "int8"), default=None,
+                   help="compute dtype (default: the checkpoint's); int8: int8 weight-only products with bf16 "
+                   "activations, faster on CPUs, not AR's exact fp32 output (README, What is exact)")
     p.add_argument("--no-draft-adapter", action="store_true", help="ignore a LoRA drafter in the checkpoint")
 
 
@@ -92,9 +93,16 @@ def load_model(args, params: dict):
     GenerationParams(mode=args.mode, **checked).resolve(read_config(folder))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load(folder, draft_adapter=adapter).to(device).eval()
-    if args.dtype:
-        model = model.to(getattr(torch, args.dtype))
-    return model
+    return in_dtype(model, args.dtype)
+
+
+def in_dtype(model, dtype: str | None):
+    """The model in a --dtype choice (None: as loaded)."""
+    import torch
+
+    if dtype == "int8":
+        return model.to(torch.bfloat16).set_weight_format("int8")
+    return model.to(getattr(torch, dtype)) if dtype else model
 
 
 def summary(result) -> str:

@@ -60,6 +60,7 @@ def load_model(args):
     import torch
 
     from tridlm.checkpoint import load
+    from tridlm.commands.generate import in_dtype
 
     if args.model == "default":
         from tridlm.default_model import default_model
@@ -70,10 +71,7 @@ def load_model(args):
     else:
         model = load(args.model, draft_adapter=not args.no_draft_adapter)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval()
-    if args.dtype:
-        model = model.to(getattr(torch, args.dtype))
-    return model
+    return in_dtype(model.to(device).eval(), args.dtype)
 
 
 def parse_template(text: str, marker: str) -> tuple[list[str], list[int | None]]:

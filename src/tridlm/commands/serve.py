@@ -62,6 +62,7 @@ def build_app(args):
     import torch
 
     from tridlm.checkpoint import load
+    from tridlm.commands.generate import in_dtype
     from tridlm.server import EngineConfig, Limits, ServerConfig, create_app
 
     adapter = not args.no_draft_adapter
@@ -71,9 +72,7 @@ def build_app(args):
     else:
         path = args.model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load(path, draft_adapter=adapter).to(device).eval()
-    if args.dtype:
-        model = model.to(getattr(torch, args.dtype))
+    model = in_dtype(load(path, draft_adapter=adapter).to(device).eval(), args.dtype)
     default = args.model in (None, "default")
     name = args.served_model_name or ("tridlm-default" if default else os.path.basename(os.path.normpath(str(path))))
     config = ServerConfig(

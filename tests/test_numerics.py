@@ -131,7 +131,7 @@ def test_env_command_reports_what_a_bug_report_needs(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
     assert report["torch"] == torch.__version__ and report["torch_threads"] == torch.get_num_threads()
-    for key in ("cpu", "cpu_flags", "default_dtype", "kernels", "cache", "cache_bytes"):
+    for key in ("cpu", "cpu_flags", "default_dtype", "kernels", "int8_weight_only", "cache", "cache_bytes"):
         assert key in report
     with threads(torch.get_num_threads()):  # the command sets the process's threads
         assert main(["env", "--threads", "1"]) == 0

@@ -9,6 +9,10 @@ decoding step then runs 4 weight products per layer instead of 7, and a draft pa
 Tokens that are not drafts always get the base rows' own product (the same shapes as without a
 drafter), so AR mode and verify tokens compute exactly what the base model computes.
 
+With the model's weight format "int8" (TriModeLM.set_weight_format) the fused rows are also kept as
+int8 with one scale per row, quantized once, and the products use torch's int8 weight-only kernel with
+bf16 activations; the B matrices stay in bf16.
+
 The layout is checked before each use (the members' storage pointers) and rebuilt when something
 replaced a parameter -- `.to(dtype)`, `load_state_dict(assign=True)`, `deepcopy`, attaching a drafter
 -- so the members always read and write the fused storage. Training (grad mode) uses the members

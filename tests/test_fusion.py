@@ -162,3 +162,26 @@ def test_int8_is_refused_with_the_fix_when_it_cannot_run(monkeypatch):
     monkeypatch.setattr(fusion, "int8_available", lambda device: False)
     with pytest.raises(ValueError, match="not available on cpu.*use bfloat16"):
         random_model(8).to(torch.bfloat16).set_weight_format("int8")
+
+
+def test_compiled_decode_graphs_give_the_eager_tokens_and_leave_other_widths_eager():
+    """compile_decode (Inductor, weights frozen; the quick "default" mode here) serves the widths it was given:
+    greedy AR and self-speculation equal the eager model's under the contract; a prefill stays eager."""
+    from conftest import GreedyContract
+
+    eager, m = random_model(9), random_model(9)
+    m.compile_decode(tokens=(1, 4), mode="default")
+    calls = []
+    real = m._compiled
+    m._compiled = lambda *a: calls.append(a[0].shape[1]) or real(*a)
+    contract = GreedyContract(eager)
+    prompt = [5, 6, 7, 8, 9, 10]
+    with torch.inference_mode():
+        for mode in ("ar", "spec"):
+            want = eager.generate(prompt, mode, max_new_tokens=12, block_length=4, ignore_eos=True).ids
+            got = m.generate(prompt, mode, max_new_tokens=12, block_length=4, ignore_eos=True).ids
+            contract.same(prompt, got, want)
+    contract.assert_rare()
+    assert set(calls) == {1, 4}  # the 6-token prefill ran eager; decode steps and 4-token blocks compiled
+    with pytest.raises(ValueError, match="token counts >= 1"):
+        random_model(9).compile_decode(tokens=(0,))

@@ -103,6 +103,8 @@ class FusedProjections:
         """The fused weight as int8 with one scale per row (symmetric), made once and kept while the
         float weight is unchanged (an in-place change bumps its version)."""
         w = self._weight
+        if torch.compiler.is_compiling():
+            return self._int8[0], self._int8[1]
         version = None if w.is_inference() else w._version  # inference tensors cannot change outside it
         if self._int8 is None or self._int8[2] != version:
             with torch.inference_mode(w.is_inference()), torch.no_grad():
@@ -118,9 +120,16 @@ class FusedProjections:
         flat = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q[rows], scales[rows])
         return flat.view(*x.shape[:-1], -1)
 
+    def prepare(self, int8: bool) -> None:
+        """Lay out (and quantize) now, e.g. before a compiled graph captures the tensors."""
+        self._ensure()
+        if int8:
+            self._int8_rows()
+
     def __call__(self, x: torch.Tensor, int8: bool = False) -> list[torch.Tensor]:
         """The members' outputs for input x; int8: weight-only int8 products (bf16 activations)."""
-        self._ensure()
+        if not torch.compiler.is_compiling():  # a compiled graph captured the prepared layout
+            self._ensure()
         gate = self._gate_src.value if self._gate_src is not None else None
         base = slice(0, self._n_base)
         if gate is None:  # no draft token: the base rows only, exactly the base model's products

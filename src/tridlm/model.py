@@ -150,11 +150,15 @@ class _AttnContext:
         self.key_len = 0
         self.fused = False  # fused projections (tridlm.fusion): at inference, not when gradients flow
         self.int8 = False  # with int8 weight-only products (TriModeLM.weight_format)
+        self.static = False  # fixed-shape layout of a compiled decode graph (TriModeLM.compile_decode)
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         c = self.cache
         if c is None:
             return k, v
+        if self.static:
+            c.write(layer, k, v, None)  # at lengths[b] + t; a read-only pass leaves lengths alone
+            return c.k[layer], c.v[layer]
         if self.write:
             c.write(layer, k, v, self.uniform)
             return c.k[layer, :, :, :self.key_len], c.v[layer, :, :, :self.key_len]
@@ -185,6 +189,7 @@ class TriModeLM(nn.Module):
         self.fuse_projections = True  # tridlm.fusion at inference; the trainer turns it off
         self.weight_format = "float"  # or "int8": see set_weight_format
         self.head = FusedProjections(self, ("diffusion_head",))
+        self._compiled, self._compiled_tokens = None, ()  # compile_decode's graphs and the widths they serve
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -247,14 +252,29 @@ class TriModeLM(nn.Module):
             write_cache = isinstance(pattern, str) and pattern == "causal"
         if pattern == "dual" and cache is not None:
             raise ValueError("the dual (training) pattern does not use a KV cache")
+        # which tokens are drafts, decided here (it may read tensor values: not inside a compiled graph)
+        gate = self._draft_gate_value(draft, pattern, B, T, self.dtype, dev) if self._draft_gate is not None else None
+        args = (input_ids, positions, cache, pattern, write_cache, block_size, valid, logits_at, return_hidden, gate)
+        if self._compiled is not None and cache is not None and T in self._compiled_tokens \
+                and not torch.is_grad_enabled():
+            cache.check_room(T)  # here, in eager: the graph writes (or uses as scratch) T slots per row
+            return self._compiled(*args)
+        return self._forward(*args)
 
+    def _forward_static(self, *args):
+        return self._forward(*args, static=True)
+
+    def _forward(self, input_ids, positions, cache, pattern, write_cache, block_size, valid, logits_at, return_hidden,
+                 gate, static: bool = False):
+        B, T = input_ids.shape
+        dev = input_ids.device
         x = self.encoder.embed_tokens(input_ids)
         cos, sin, q_scale = self._rope(positions, x.dtype)
-        ctx = self._attention_context(B, T, pattern, block_size, cache, write_cache, valid, dev)
+        ctx = self._attention_context(B, T, pattern, block_size, cache, write_cache, valid, dev, static)
         ctx.fused = self.fuse_projections and not torch.is_grad_enabled()
         ctx.int8 = ctx.fused and self.weight_format == "int8"
         if self._draft_gate is not None:
-            self._draft_gate.value = self._draft_gate_value(draft, pattern, B, T, x.dtype, dev)
+            self._draft_gate.value = gate
         try:
             for i, layer in enumerate(self.encoder.layers):
                 x = layer(x, cos, sin, q_scale, i, ctx)
@@ -288,8 +308,14 @@ class TriModeLM(nn.Module):
             return None
         return draft.to(device=device, dtype=dtype)[..., None]
 
-    def _attention_context(self, B, T, pattern, block_size, cache, write, valid, dev) -> _AttnContext:
+    def _attention_context(self, B, T, pattern, block_size, cache, write, valid, dev, static=False) -> _AttnContext:
         nm = new_token_mask(pattern, T, block_size, dev)
+        if static and cache is not None:
+            # fixed shapes for a compiled graph: every row's new tokens go to its own next slots (scratch
+            # when not written) and attention spans the whole cache, the mask hiding what a row may not see
+            ctx = _AttnContext(cache, write, full_mask(nm, cache.lengths, cache.lengths, cache.max_len, valid), None)
+            ctx.key_len, ctx.static = cache.max_len, True
+            return ctx
         if cache is None:
             mask = None if (isinstance(pattern, str) and pattern == "block" and valid is None) else nm
             if mask is not None and valid is not None:
@@ -334,6 +360,34 @@ class TriModeLM(nn.Module):
                              f"{torch.__version__}; use bfloat16 there")
         self.weight_format = fmt
         return self
+
+    def compile_decode(self, tokens=(1,), mode: str = "max-autotune-no-cudagraphs") -> TriModeLM:
+        """Run decode forwards of `tokens` new tokens (1: AR; a block length L: self-speculation's draft and
+        verify passes) through a KV cache, without gradients, as Inductor graphs with the current weights
+        frozen in: one graph per shape (batch, tokens, pattern), compiled on first use (about a minute
+        each for the 135M default model on 2 CPU cores; torch caches some of the work on disk).
+        Attention then spans the cache's whole length under a mask, so shapes stay fixed while rows grow.
+        Prefills and every other width stay eager. The weights are baked in: call it again after
+        changing them, the dtype or the weight format."""
+        tokens = tuple(sorted({int(t) for t in tokens}))
+        if not tokens or tokens[0] < 1:
+            raise ValueError(f"compile_decode needs token counts >= 1, got {tokens}")
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # weights as constants: what lets Inductor pick its packed GEMMs
+        with torch.no_grad():
+            for group in self._fused_groups():
+                group.prepare(self.weight_format == "int8")
+        torch._dynamo.reset()
+        self._compiled = torch.compile(self._forward_static, mode=mode, fullgraph=True, dynamic=False)
+        self._compiled_tokens = tokens
+        return self
+
+    def _fused_groups(self) -> list[FusedProjections]:
+        groups = [self.head]
+        for layer in self.encoder.layers:
+            groups += [layer.self_attn.qkv, layer.self_attn.out, layer.mlp.gate_up, layer.mlp.down]
+        return groups
 
     def num_parameters(self) -> int:
         seen, n = set(), 0

@@ -36,7 +36,8 @@ def _table(rows) -> list[str]:
 def markdown(rep: dict, plot_prefix: str = "") -> str:
     res = rep["results"]
     m, s = rep["machine"], rep["settings"]
-    by_sweep = {k: [r for r in res if k in r["sweeps"]] for k in ("main", "block", "threshold", "batch", "dtype")}
+    by_sweep = {k: [r for r in res if k in r["sweeps"]]
+                for k in ("main", "block", "threshold", "batch", "dtype", "kernels")}
     where = m.get("gpu") or m["cpu"] + (f" ({m['cpu_isa']})" if m.get("cpu_isa") else "")
     L = [
         f"Command: `{rep['command']}`",
@@ -70,7 +71,8 @@ def markdown(rep: dict, plot_prefix: str = "") -> str:
         L += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in rep["targets"]]
         L.append("")
     for key, title in (("block", "Block length sweep (batch 1)"), ("threshold", "Threshold sweep (diffusion)"),
-                       ("batch", "Batch size sweep"), ("dtype", "dtype sweep")):
+                       ("batch", "Batch size sweep"), ("dtype", "dtype sweep"),
+                       ("kernels", "Compiled decode graphs (batch 1)")):
         if by_sweep[key]:
             L += [f"### {title}", "", *_table(by_sweep[key]), ""]
     L += _sol_section(rep)

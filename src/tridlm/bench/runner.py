@@ -32,6 +32,7 @@ class BenchConfig:
     threshold: float | None = None
     batch_size: int = 1
     dtype: str = "fp32"  # llama.cpp: its GGUF format (Q4_1, Q8_0, BF16)
+    kernels: str = "eager"  # or "compiled": TriModeLM.compile_decode for its decode widths
 
     @property
     def label(self) -> str:
@@ -42,6 +43,8 @@ class BenchConfig:
             parts.append(f"τ={self.threshold:g}")
         parts.append(f"b={self.batch_size}")
         parts.append(self.dtype)
+        if self.kernels != "eager":
+            parts.append(self.kernels)
         return " ".join(parts)
 
 
@@ -63,6 +66,7 @@ class BenchSettings:
     dtypes: tuple[str, ...] = ("fp32", "bf16", "int8")
     dtype_sweep_modes: tuple[str, ...] | None = None  # None: every mode of the main comparison
     hf_baseline: bool = True
+    compiled: bool = False  # also AR and spec (at block_length) with compile_decode, in every dtype
     llama_cpp: bool = True  # when llama-cpp-python is installed and the model has a GGUF (bench/llama_cpp.py)
     llama_cpp_quants: tuple[str, ...] = ("Q4_1", "Q8_0", "BF16")
     gguf: str | None = None  # the GGUF llama.cpp runs; "default" / "smollm2" models find theirs
@@ -119,6 +123,10 @@ def plan_configs(s: BenchSettings) -> list[tuple[BenchConfig, set[str]]]:
         add(BenchConfig("ar", batch_size=b, dtype=fp), "batch")
         add(block_cfg("diffusion", s.block_length, b, fp), "batch")
         add(block_cfg("spec", "auto", b, fp), "batch")
+    if s.compiled:  # compiled decode graphs (minutes of compiling per dtype), batch 1
+        for dtype in s.dtypes:
+            add(BenchConfig("ar", dtype=dtype, kernels="compiled"), "kernels")
+            add(BenchConfig("spec", s.block_length, None, 1, dtype, "compiled"), "kernels")
     for dtype in s.dtypes:  # the main comparison again in each dtype ("auto" reuses fp32's acceptance)
         for cfg in [c for c, tags in plan.items() if "main" in tags and c.dtype == fp]:
             if s.dtype_sweep_modes is None or cfg.mode in s.dtype_sweep_modes:
@@ -283,13 +291,17 @@ def model_in_dtype(model, dtype: str):
     fmt = "int8" if dtype == "int8" else "float"
     if DTYPES[dtype] == model.dtype and model.weight_format == fmt:
         return model
+    return _copy(model).to(DTYPES[dtype]).set_weight_format(fmt).eval()
+
+
+def _copy(model):
     tok, model.tokenizer = model.tokenizer, None  # the tokenizer is shared, not copied
     try:
-        other = copy.deepcopy(model).to(DTYPES[dtype])
+        other = copy.deepcopy(model)
     finally:
         model.tokenizer = tok
     other.tokenizer = tok
-    return other.set_weight_format(fmt).eval()
+    return other
 
 
 def run_configs(model, prompts: list[Prompt], s: BenchSettings, log: Callable[[str], None] = print,
@@ -307,20 +319,24 @@ def run_configs(model, prompts: list[Prompt], s: BenchSettings, log: Callable[[s
     done: dict[tuple, ConfigResult] = {}
     for dtype in s.dtypes:
         m = model_in_dtype(model, dtype)
-        hf = None
+        hf = compiled = None
         for cfg, sweeps in plan:
             if cfg.dtype != dtype or (cfg.mode == "hf" and (not hf_ok or dtype == "int8")):
                 continue  # transformers has no int8 path of ours to compare with
             L = cfg.block_length
             if L == "auto":
                 L = resolve_auto(m, results, cfg.batch_size) if resolve_auto else 32
-            key = (cfg.mode, L, cfg.threshold, cfg.batch_size, cfg.dtype)
+            key = (cfg.mode, L, cfg.threshold, cfg.batch_size, cfg.dtype, cfg.kernels)
             t0 = time.perf_counter()
             if key in done:  # "auto" landed on a block length already measured
                 r = replace(done[key], config=cfg, sweeps=sorted(sweeps), tokens_per_s=list(done[key].tokens_per_s))
             elif cfg.mode == "hf":
                 hf = hf or to_transformers(m)
                 r = measure_baseline(partial(hf_generate, hf), cfg, prompt_ids, s, m.config.eos_token_id)
+            elif cfg.kernels == "compiled":
+                if compiled is None:  # its own copy: the graphs route its decode widths (compiling is logged)
+                    compiled = _copy(m).compile_decode(tokens=(1, s.block_length))
+                r = measure_tridlm(compiled, cfg, L, prompt_ids, s)
             else:
                 r = measure_tridlm(m, cfg, L, prompt_ids, s)
             r.sweeps = sorted(sweeps)
@@ -328,13 +344,14 @@ def run_configs(model, prompts: list[Prompt], s: BenchSettings, log: Callable[[s
             results.append(r)
             log(f"  {cfg.label:<32} {r.tokens_per_s_median:8.2f} tok/s  TPF {r.tpf or 0:5.2f}  "
                 f"({time.perf_counter() - t0:.0f} s)")
-        del hf, m
+        del hf, m, compiled
     results += _llama_cpp_results(model, prompt_ids, s, log)
     # quality, against AR greedy at the same dtype (batch 1)
-    refs = {r.config.dtype: r.outputs for r in results if r.config.mode == "ar" and r.config.batch_size == 1}
+    eager_ar = [r for r in results if r.config.mode == "ar" and r.config.kernels == "eager"]
+    refs = {r.config.dtype: r.outputs for r in eager_ar if r.config.batch_size == 1}
     # llama.cpp runs the GGUF's weights, which tridlm holds in fp32: its reference is fp32 AR
     refs.update({q: refs.get("fp32") for q in s.llama_cpp_quants})
-    ar_rate = {(r.config.dtype, r.config.batch_size): r.tokens_per_s_median for r in results if r.config.mode == "ar"}
+    ar_rate = {(r.config.dtype, r.config.batch_size): r.tokens_per_s_median for r in eager_ar}
     for r in results:
         r.quality = quality(r, prompts, prompt_ids, refs.get(r.config.dtype), model, tokenizer)
         if r.config.dtype != "fp32" and refs.get("fp32") is not None:  # what a narrower type changes

@@ -44,6 +44,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--compiled", action="store_true", help="also AR and spec at --block-length with compiled decode "
+                   "graphs in every dtype (about a minute of compiling per graph)")
     p.add_argument("--no-profile", action="store_true", help="skip the operator profile of AR decoding")
     p.add_argument("--no-rss", action="store_true", help="skip measuring the peak RSS of tridlm generate")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -57,7 +59,7 @@ def settings_from_args(args):
     from tridlm.bench import BenchSettings
 
     kw = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
-    kw.update(prompts=args.prompts, ignore_eos=args.ignore_eos, hf_baseline=not args.no_hf,
+    kw.update(prompts=args.prompts, ignore_eos=args.ignore_eos, hf_baseline=not args.no_hf, compiled=args.compiled,
               profile=not args.no_profile, rss=not args.no_rss)
     return BenchSettings.quick_settings(**kw) if args.quick else BenchSettings(**kw)
 

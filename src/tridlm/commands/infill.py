@@ -60,7 +60,7 @@ def load_model(args):
     import torch
 
     from tridlm.checkpoint import load
-    from tridlm.commands.generate import in_dtype
+    from tridlm.commands.generate import prepared
 
     if args.model == "default":
         from tridlm.default_model import default_model
@@ -71,7 +71,7 @@ def load_model(args):
     else:
         model = load(args.model, draft_adapter=not args.no_draft_adapter)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return in_dtype(model.to(device).eval(), args.dtype)
+    return prepared(model.to(device).eval(), args, getattr(args, "block_length", None))
 
 
 def parse_template(text: str, marker: str) -> tuple[list[str], list[int | None]]:

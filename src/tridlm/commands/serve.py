@@ -62,7 +62,7 @@ def build_app(args):
     import torch
 
     from tridlm.checkpoint import load
-    from tridlm.commands.generate import in_dtype
+    from tridlm.commands.generate import prepared
     from tridlm.server import EngineConfig, Limits, ServerConfig, create_app
 
     adapter = not args.no_draft_adapter
@@ -72,7 +72,7 @@ def build_app(args):
     else:
         path = args.model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = in_dtype(load(path, draft_adapter=adapter).to(device).eval(), args.dtype)
+    model = prepared(load(path, draft_adapter=adapter).to(device).eval(), args)
     default = args.model in (None, "default")
     name = args.served_model_name or ("tridlm-default" if default else os.path.basename(os.path.normpath(str(path))))
     config = ServerConfig(

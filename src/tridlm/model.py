@@ -65,6 +65,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+COMPILED_CACHE_BUCKET = 256  # with compiled graphs, KV caches hold a power of two >= this many positions
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -201,6 +204,8 @@ class TriModeLM(nn.Module):
         return self.diffusion_head.weight.dtype
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        if self._compiled is not None:  # compiled graphs are per cache length: a few lengths, not one per request
+            max_len = max(COMPILED_CACHE_BUCKET, 1 << (max_len - 1).bit_length())
         return KVCache.for_model(self, batch_size, max_len)
 
     def _rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -255,10 +260,13 @@ class TriModeLM(nn.Module):
         # which tokens are drafts, decided here (it may read tensor values: not inside a compiled graph)
         gate = self._draft_gate_value(draft, pattern, B, T, self.dtype, dev) if self._draft_gate is not None else None
         args = (input_ids, positions, cache, pattern, write_cache, block_size, valid, logits_at, return_hidden, gate)
-        if self._compiled is not None and cache is not None and T in self._compiled_tokens \
+        if self._compiled is not None and cache is not None and T in self._compiled_tokens and B == 1 \
                 and not torch.is_grad_enabled():
             cache.check_room(T)  # here, in eager: the graph writes (or uses as scratch) T slots per row
-            return self._compiled(*args)
+            try:
+                return self._compiled(*args)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:  # too many shapes: the rest run eager
+                self._compiled = None
         return self._forward(*args)
 
     def _forward_static(self, *args):
@@ -362,13 +370,13 @@ class TriModeLM(nn.Module):
         return self
 
     def compile_decode(self, tokens=(1,), mode: str = "max-autotune-no-cudagraphs") -> TriModeLM:
-        """Run decode forwards of `tokens` new tokens (1: AR; a block length L: self-speculation's draft and
-        verify passes) through a KV cache, without gradients, as Inductor graphs with the current weights
-        frozen in: one graph per shape (batch, tokens, pattern), compiled on first use (about a minute
-        each for the 135M default model on 2 CPU cores; torch caches some of the work on disk).
-        Attention then spans the cache's whole length under a mask, so shapes stay fixed while rows grow.
-        Prefills and every other width stay eager. The weights are baked in: call it again after
-        changing them, the dtype or the weight format."""
+        """Run batch-1 decode forwards of `tokens` new tokens (1: AR; a block length L: self-speculation's
+        draft and verify passes) through a KV cache, without gradients, as Inductor graphs with the
+        current weights frozen in: one graph per shape (tokens, pattern, cache length -- caches are then
+        made a power of two long), compiled on first use (about a minute each for the 135M default model
+        on 2 CPU cores; torch caches some of the work on disk). Attention spans the cache's whole length
+        under a mask, so shapes stay fixed while rows grow. Prefills, batches and other widths stay eager.
+        The weights are baked in: call it again after changing them, the dtype or the weight format."""
         tokens = tuple(sorted({int(t) for t in tokens}))
         if not tokens or tokens[0] < 1:
             raise ValueError(f"compile_decode needs token counts >= 1, got {tokens}")

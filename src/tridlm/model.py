@@ -376,7 +376,9 @@ class TriModeLM(nn.Module):
         made a power of two long), compiled on first use (about a minute each for the 135M default model
         on 2 CPU cores; torch caches some of the work on disk). Attention spans the cache's whole length
         under a mask, so shapes stay fixed while rows grow. Prefills, batches and other widths stay eager.
-        The weights are baked in: call it again after changing them, the dtype or the weight format."""
+        The weights are baked in: call it again after changing them, the dtype or the weight format.
+        It resets torch's compiled graphs in this process (torch._dynamo.reset), and Inductor's freezing
+        stays on for later compiles."""
         tokens = tuple(sorted({int(t) for t in tokens}))
         if not tokens or tokens[0] < 1:
             raise ValueError(f"compile_decode needs token counts >= 1, got {tokens}")

@@ -59,7 +59,8 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-draft-adapter", action="store_true", help="ignore a LoRA drafter in the checkpoint")
     p.add_argument("--kernels", choices=("eager", "compiled"), default="eager",
                    help="compiled: decode steps and --block-length blocks as Inductor graphs with frozen weights "
-                   "(about a minute of compiling per shape; fastest in fp32 and int8 on CPUs)")
+                   "(about a minute of compiling per shape; measured gains in BENCHMARKS.md: large in fp32, "
+                   "small in bf16 and int8)")
 
 
 def add_parser(subparsers) -> None:

@@ -46,6 +46,10 @@ def test_split_holds_out_whole_files(tmp_path):
     assert len(train) + len(val) == 10  # each file is one document, in exactly one split
     again_train, again_val = split_documents([str(data)], val_fraction=0.3)
     assert [d.unit for d in again_val] == [d.unit for d in val]
+    # the same files elsewhere (another clone, another temporary folder) split the same way
+    moved = write_micro_corpus(tmp_path / "elsewhere" / "deeper", files=10, chars_per_file=300)
+    _, moved_val = split_documents([str(moved)], val_fraction=0.3)
+    assert [d.unit for d in moved_val] == [d.unit for d in val]
 
 
 def test_stdlib_source_is_found_through_sysconfig_sorted_without_tests():

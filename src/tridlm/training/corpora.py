@@ -32,7 +32,7 @@ class DataError(ValueError):
 
 @dataclass
 class Document:
-    unit: str  # the file (or file:record) it came from; the train/validation split is by unit
+    unit: str  # the file (or file:record) it came from, named within its source; the split is by unit
     text: str | None = None
     messages: list[dict] | None = None
 
@@ -82,7 +82,7 @@ def resolve_source(source: str, base: Path | None = None) -> list[SourceFile]:
         path = Path(source.split(":", 1)[1]) if ":" in source else DEFAULT_GSM8K
         if not path.is_file():
             raise DataError(f"data file {path} (source {source!r}) does not exist")
-        return [SourceFile(str(path), path, "gsm8k")]
+        return [SourceFile(f"gsm8k/{path.name}", path, "gsm8k")]
     path = Path(source).expanduser()
     if base is not None and not path.is_absolute():
         path = base / path
@@ -92,7 +92,9 @@ def resolve_source(source: str, base: Path | None = None) -> list[SourceFile]:
         candidates = [path]
     else:
         candidates = sorted(p for p in path.rglob("*") if p.is_file())
-    files = [SourceFile(str(p), p, "jsonl" if p.suffix == ".jsonl" else "text")
+    # a unit is named relative to its source, so the split does not depend on where the data lives
+    files = [SourceFile(p.name if p == path else p.relative_to(path).as_posix(), p,
+                        "jsonl" if p.suffix == ".jsonl" else "text")
              for p in candidates if p.suffix in TEXT_SUFFIXES + (".jsonl",)]
     if not files:
         raise DataError(f"data source {path} holds no .txt/.md/.py/.rst/.jsonl file")

@@ -140,7 +140,7 @@ def dequantized_twin(m):
 
 @pytest.mark.parametrize("with_drafter", [False, True])
 def test_int8_weights_compute_the_dequantized_model(with_drafter):
-    m = (drafted(7) if with_drafter else random_model(7)).to(torch.bfloat16).set_weight_format("int8")
+    m = (drafted(7) if with_drafter else random_model(7)).to(torch.bfloat16).set_weight_format("int8", max_tokens=18)
     ids = torch.randint(4, 64, (2, 9), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         m(ids)  # fuse, quantize
@@ -150,6 +150,39 @@ def test_int8_weights_compute_the_dequantized_model(with_drafter):
             assert_logits_agree(m, got, want)
         m.set_weight_format("float")
         assert not torch.equal(m(ids, pattern="block"), got)  # the int8 path did run: float weights differ
+
+
+def test_forwards_wider_than_the_int8_range_use_the_bf16_weights():
+    m = random_model(7).to(torch.bfloat16).set_weight_format("int8", max_tokens=4)
+    float_twin = copy.deepcopy(m).set_weight_format("float")
+    wide_int8 = copy.deepcopy(m).set_weight_format("int8", max_tokens=64)
+    ids = torch.randint(4, 64, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(m(ids), float_twin(ids))  # 8 tokens > 4: the bf16 products, bit for bit
+        assert torch.equal(m(ids[:, :4]), wide_int8(ids[:, :4]))  # 4 tokens: the int8 ones
+        assert not torch.equal(m(ids[:, :4]), float_twin(ids[:, :4]))
+
+
+def test_the_int8_range_is_measured_once_per_machine_and_ends_where_bf16_wins(monkeypatch, tmp_path):
+    from tridlm import kernels
+
+    monkeypatch.setenv("TRIDLM_CACHE", str(tmp_path))
+    calls = []
+    fake = {1: (1.0, 2.0), 2: (1.0, 2.0), 4: (1.0, 1.5), 8: (2.0, 1.0), 16: (1.0, 3.0)}  # int8 loses at 8
+    monkeypatch.setattr(kernels, "measure_int8_widths", lambda model: calls.append(1) or fake)
+    m = random_model(7).to(torch.bfloat16)
+    assert m.set_weight_format("int8").int8_max_tokens == 4  # 16 is past the first loss: not int8's
+    assert random_model(8).to(torch.bfloat16).set_weight_format("int8").int8_max_tokens == 4  # same shapes
+    assert len(calls) == 1 and kernels.cache_file(m).exists()
+    assert m.set_weight_format("int8", max_tokens=16).int8_max_tokens == 16  # an explicit range wins
+    assert len(calls) == 1
+
+
+def test_the_int8_measurement_times_both_paths_at_every_width():
+    from tridlm import kernels
+
+    got = kernels.measure_int8_widths(random_model(7).to(torch.bfloat16), widths=(1, 8), repeats=1)
+    assert sorted(got) == [1, 8] and all(a > 0 and b > 0 for a, b in got.values())
 
 
 def test_int8_is_refused_with_the_fix_when_it_cannot_run(monkeypatch):

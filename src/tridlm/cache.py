@@ -58,6 +58,18 @@ class KVCache:
         self.k[layer][b, :, slots] = k_new.transpose(1, 2)
         self.v[layer][b, :, slots] = v_new.transpose(1, 2)
 
+    def write_layers(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Store every layer's [L, B, H, T, D] at slots lengths[b] + t: one copy per tensor when the rows
+        share a length."""
+        uniform = self.uniform_length()
+        if uniform is None:
+            for layer in range(k_new.shape[0]):
+                self.write(layer, k_new[layer], v_new[layer], None)
+            return
+        T = k_new.shape[3]
+        self.k[:, :, :, uniform:uniform + T] = k_new
+        self.v[:, :, :, uniform:uniform + T] = v_new
+
     def advance(self, n_new: torch.Tensor | int) -> None:
         self.lengths += n_new
 

@@ -102,8 +102,12 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if q_scale is not None:  # Llama-4 scaling, applied after RoPE
             q = q * q_scale
-        keys, values = ctx.keys_values(layer, k, v)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, enable_gqa=self.n_kv != self.n_heads)
+        if ctx.static:
+            out = ctx.attend_static(layer, q, k, v)
+        else:
+            keys, values = ctx.keys_values(layer, k, v)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask,
+                                                 enable_gqa=self.n_kv != self.n_heads)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.out(out, ctx.int8)[0] if ctx.fused else self.o_proj(out)
 
@@ -154,14 +158,32 @@ class _AttnContext:
         self.fused = False  # fused projections (tridlm.fusion): at inference, not when gradients flow
         self.int8 = False  # with int8 weight-only products (TriModeLM.weight_format)
         self.static = False  # fixed-shape layout of a compiled decode graph (TriModeLM.compile_decode)
+        self.new_kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # static: each layer's new keys/values
+
+    def attend_static(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of a compiled graph: over the whole cache, which the graph only reads (writing a
+        graph input makes Inductor copy the cache every layer), and over the new tokens, under one
+        softmax. The new keys/values are kept for the caller to store after the graph. `self.mask`
+        is [B, 1, 1, T, S + T]: cache slots then new tokens."""
+        self.new_kv.append((k, v))
+        B, H, T, D = q.shape
+        n_kv = k.shape[1]
+        S = self.cache.k.shape[3]  # not cache.max_len: a graph may keep this size symbolic
+        q = q.float().view(B, n_kv, H // n_kv, T, 1, D) * D ** -0.5  # query heads grouped by their kv head
+
+        def scores(keys):  # [B, n_kv, N, D] -> [B, n_kv, G, T, N], fp32 like SDPA's accumulation
+            return (q * keys[:, :, None, None].float()).sum(-1)
+
+        s = torch.cat([scores(self.cache.k[layer]), scores(k)], dim=-1).masked_fill(~self.mask, float("-inf"))
+        p = torch.softmax(s, dim=-1)[..., None]
+        out = (p[..., :S, :] * self.cache.v[layer][:, :, None, None].float()).sum(-2) \
+            + (p[..., S:, :] * v[:, :, None, None].float()).sum(-2)
+        return out.to(k.dtype).view(B, H, T, D)
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         c = self.cache
         if c is None:
             return k, v
-        if self.static:
-            c.write(layer, k, v, None)  # at lengths[b] + t; a read-only pass leaves lengths alone
-            return c.k[layer], c.v[layer]
         if self.write:
             c.write(layer, k, v, self.uniform)
             return c.k[layer, :, :, :self.key_len], c.v[layer, :, :, :self.key_len]
@@ -191,6 +213,7 @@ class TriModeLM(nn.Module):
         self._draft_gate = None
         self.fuse_projections = True  # tridlm.fusion at inference; the trainer turns it off
         self.weight_format = "float"  # or "int8": see set_weight_format
+        self.int8_max_tokens = 0  # int8 products for forwards of at most this many tokens (batch x tokens)
         self.head = FusedProjections(self, ("diffusion_head",))
         self._compiled, self._compiled_tokens = None, ()  # compile_decode's graphs and the widths they serve
 
@@ -262,11 +285,17 @@ class TriModeLM(nn.Module):
         args = (input_ids, positions, cache, pattern, write_cache, block_size, valid, logits_at, return_hidden, gate)
         if self._compiled is not None and cache is not None and T in self._compiled_tokens and B == 1 \
                 and not torch.is_grad_enabled():
-            cache.check_room(T)  # here, in eager: the graph writes (or uses as scratch) T slots per row
+            if write_cache:
+                cache.check_room(T)
             try:
-                return self._compiled(*args)
+                out, new_k, new_v = self._compiled(*args)
             except torch._dynamo.exc.FailOnRecompileLimitHit:  # too many shapes: the rest run eager
                 self._compiled = None
+            else:
+                if write_cache:  # after the graph, which only reads the cache
+                    cache.write_layers(new_k, new_v)
+                    cache.advance(valid.sum(1) if valid is not None else T)
+                return out
         return self._forward(*args)
 
     def _forward_static(self, *args):
@@ -280,7 +309,7 @@ class TriModeLM(nn.Module):
         cos, sin, q_scale = self._rope(positions, x.dtype)
         ctx = self._attention_context(B, T, pattern, block_size, cache, write_cache, valid, dev, static)
         ctx.fused = self.fuse_projections and not torch.is_grad_enabled()
-        ctx.int8 = ctx.fused and self.weight_format == "int8"
+        ctx.int8 = ctx.fused and self.weight_format == "int8" and B * T <= self.int8_max_tokens
         if self._draft_gate is not None:
             self._draft_gate.value = gate
         try:
@@ -289,14 +318,15 @@ class TriModeLM(nn.Module):
         finally:
             if self._draft_gate is not None:
                 self._draft_gate.value = None
-        if cache is not None and write_cache:
+        if cache is not None and write_cache and not ctx.static:
             cache.advance(valid.sum(1) if valid is not None else T)
         x = self.encoder.norm(x)
         if logits_at is not None:
             x = torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
-        if return_hidden:
-            return x
-        return self.head(x, ctx.int8)[0] if ctx.fused else self.diffusion_head(x)
+        out = x if return_hidden else self.head(x, ctx.int8)[0] if ctx.fused else self.diffusion_head(x)
+        if ctx.static:  # the new keys/values, [layers, B, H, T, D], for the caller to store
+            return out, torch.stack([k for k, _ in ctx.new_kv]), torch.stack([v for _, v in ctx.new_kv])
+        return out
 
     @staticmethod
     def _draft_gate_value(draft, pattern, B, T, dtype, device):
@@ -319,10 +349,16 @@ class TriModeLM(nn.Module):
     def _attention_context(self, B, T, pattern, block_size, cache, write, valid, dev, static=False) -> _AttnContext:
         nm = new_token_mask(pattern, T, block_size, dev)
         if static and cache is not None:
-            # fixed shapes for a compiled graph: every row's new tokens go to its own next slots (scratch
-            # when not written) and attention spans the whole cache, the mask hiding what a row may not see
-            ctx = _AttnContext(cache, write, full_mask(nm, cache.lengths, cache.lengths, cache.max_len, valid), None)
-            ctx.key_len, ctx.static = cache.max_len, True
+            # fixed shapes for a compiled graph: attention spans the whole cache, then the new tokens;
+            # the mask hides cache slots past each row's length
+            S = cache.k.shape[3]
+            prefix = torch.arange(S, device=dev)[None, None, :] < cache.lengths[:, None, None]
+            new = nm.expand(B, T, T)
+            if valid is not None:  # padding is seen by no one and sees only itself
+                new = (new & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
+            mask = torch.cat([prefix.expand(B, T, S), new], dim=-1)[:, None, None]
+            ctx = _AttnContext(cache, write, mask, None)
+            ctx.key_len, ctx.static = S + T, True
             return ctx
         if cache is None:
             mask = None if (isinstance(pattern, str) and pattern == "block" and valid is None) else nm
@@ -354,10 +390,12 @@ class TriModeLM(nn.Module):
         ctx.key_len = key_len
         return ctx
 
-    def set_weight_format(self, fmt: str) -> TriModeLM:
+    def set_weight_format(self, fmt: str, max_tokens: int | None = None) -> TriModeLM:
         """"int8": inference products read int8 weights with one scale per output row (weight-only, A16W8:
         activations stay bf16), quantized once from the bf16 weights, which stay the parameters (training,
-        saving and gradients use them). Needs a bf16 model; "float" goes back. Opt-in: it changes outputs."""
+        saving and gradients use them). Needs a bf16 model; "float" goes back. Opt-in: it changes outputs.
+        Forwards wider than `max_tokens` (batch x tokens; default: measured on this machine, see
+        tridlm.kernels) use the bf16 weights, faster there: prefills, typically."""
         if fmt not in ("float", "int8"):
             raise ValueError(f"unknown weight format {fmt!r}; use 'float' or 'int8'")
         if fmt == "int8" and self.dtype != torch.bfloat16:
@@ -366,7 +404,11 @@ class TriModeLM(nn.Module):
         if fmt == "int8" and not fusion.int8_available(self.device):
             raise ValueError(f"int8 weight-only products are not available on {self.device} in torch "
                              f"{torch.__version__}; use bfloat16 there")
-        self.weight_format = fmt
+        if fmt == "int8" and max_tokens is None:
+            from .kernels import int8_max_tokens
+
+            max_tokens = int8_max_tokens(self)
+        self.weight_format, self.int8_max_tokens = fmt, max_tokens or 0
         return self
 
     def compile_decode(self, tokens=(1,), mode: str = "max-autotune-no-cudagraphs") -> TriModeLM:
@@ -389,7 +431,10 @@ class TriModeLM(nn.Module):
             for group in self._fused_groups():
                 group.prepare(self.weight_format == "int8")
         torch._dynamo.reset()
-        self._compiled = torch.compile(self._forward_static, mode=mode, fullgraph=True, dynamic=False)
+        # the weights are frozen into the graphs anyway: guarding the modules would only cost time per call
+        options = {**torch._inductor.list_mode_options(mode),
+                   "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        self._compiled = torch.compile(self._forward_static, fullgraph=True, dynamic=False, options=options)
         self._compiled_tokens = tokens
         return self
 

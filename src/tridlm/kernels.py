@@ -1,0 +1,82 @@
+"""Which weight path a forward takes, chosen by measuring it on this machine.
+
+int8 weight-only products (weight format "int8") read half the bytes of bf16 ones, which wins while a
+forward is memory-bound (a few tokens: decoding steps, verify and draft blocks); past some width
+torch's bf16 GEMM wins (a prefill: on a 2-core AMD EPYC a 128-token prefill takes 134 ms through
+int8 kernels, 84 ms through bf16 ones). `int8_max_tokens` is the widest forward (batch x tokens)
+for which int8 measured faster, found once on the model's own fused projections (well under a
+second) and kept under `tridlm.machine.cache_root()/kernels/` keyed by CPU, ISA, threads, torch and
+the model's shapes. The bf16 weights stay the parameters, so both paths are always there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .machine import cache_root, cpu_isa, cpu_name
+
+WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128)  # forward widths (batch x tokens) measured
+LAYERS_TIMED = 4  # layers whose products are timed: enough for a stable ratio, fast enough to be unseen
+
+
+def cache_file(model) -> Path:
+    shapes = {k: getattr(model.config, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                   "num_key_value_heads", "head_dim", "vocab_size")}
+    text = json.dumps({"cpu": cpu_name(), "isa": cpu_isa(), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "device": str(model.device), "shapes": shapes,
+                       "drafter": model.draft_adapter is not None}, sort_keys=True)
+    return cache_root() / "kernels" / f"int8-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_int8_widths(model, widths=WIDTHS, repeats: int = 5) -> dict[int, tuple[float, float]]:
+    """{width: (seconds through int8 products, seconds through bf16 ones)} for the base products of a
+    few layers (q/k/v, o, gate/up, down) at that many tokens."""
+    groups = []
+    for layer in model.encoder.layers[:LAYERS_TIMED]:
+        groups += [layer.self_attn.qkv, layer.self_attn.out, layer.mlp.gate_up, layer.mlp.down]
+    out = {}
+    with torch.no_grad():
+        for g in groups:
+            g.prepare(int8=True)
+        for w in widths:
+            xs = [torch.randn(1, w, g.members()[0].weight.shape[1], dtype=model.dtype, device=model.device)
+                  for g in groups]
+            out[w] = tuple(_timed(lambda int8=int8, xs=xs: [g(x, int8) for g, x in zip(groups, xs, strict=True)],
+                                  repeats) for int8 in (True, False))
+    return out
+
+
+def int8_max_tokens(model, refresh: bool = False) -> int:
+    """The widest forward (batch x tokens) to run through int8 products on this machine: 0 when int8
+    never wins, the widest width measured when it always does. Cached per machine."""
+    path = cache_file(model)
+    if path.exists() and not refresh:
+        return int(json.loads(path.read_text())["int8_max_tokens"])
+    timings = measure_int8_widths(model)
+    best = 0
+    for w in sorted(timings):  # the first width at which bf16 wins ends int8's range
+        if timings[w][0] > timings[w][1]:
+            break
+        best = w
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"int8_max_tokens": best, "ms": {w: [round(a * 1e3, 3), round(b * 1e3, 3)]
+                                                               for w, (a, b) in timings.items()}}, indent=1))
+    tmp.replace(path)
+    return best

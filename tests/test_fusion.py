@@ -197,6 +197,40 @@ def test_int8_is_refused_with_the_fix_when_it_cannot_run(monkeypatch):
         random_model(8).to(torch.bfloat16).set_weight_format("int8")
 
 
+@pytest.mark.parametrize("with_drafter", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_layout_computes_the_eager_forward(dtype, with_drafter):
+    """What compile_decode compiles, run uncompiled: attention over the read-only cache merged with the new
+    tokens' by log-sum-exp, keys/values stored after the graph. From an empty cache on, every pattern (and
+    padding) gives the eager forward's logits within the error model, and the same cache."""
+    make = (lambda: drafted(11)) if with_drafter else (lambda: random_model(11))
+    eager, static = make().to(dtype), make().to(dtype)
+    static._compiled, static._compiled_tokens = static._forward_static, (1, 4)  # the route, not the compiler
+    static._compiled_for = static._graph_state()
+    ce, cs = eager.new_cache(1, 40), static.new_cache(1, 40)
+    gen = torch.Generator().manual_seed(5)
+    quad = torch.rand(4, 4, generator=gen) < 0.5
+    quad |= torch.eye(4, dtype=torch.bool)  # an explicit pattern; every token sees itself
+    steps = [(1, "causal", None, None), (4, "causal", None, None), (4, "block", None, None),
+             (4, quad, True, None), (1, "causal", None, None), (4, "causal", None, [True, True, True, False]),
+             (4, "block", None, [True, True, False, True])]
+    with torch.no_grad():
+        for T, pattern, write, valid in steps:
+            ids = torch.randint(4, 64, (1, T), generator=gen)
+            kw = dict(pattern=pattern, write_cache=write,
+                      valid=None if valid is None else torch.tensor([valid]))
+            want, got = eager(ids, cache=ce, **kw), static(ids, cache=cs, **kw)
+            real = torch.tensor([valid or [True] * T])  # a padding token's logits are no one's output
+            assert_logits_agree(eager, got[real], want[real], n_keys=int(ce.lengths) + T)
+            n = int(ce.lengths)
+            assert torch.equal(cs.lengths, ce.lengths)
+            # layer 0's keys/values are the same products bit for bit; deeper ones carry the attention's
+            # rounding, and the next steps' logits (checked above) read them
+            assert torch.equal(cs.k[0, :, :, :n], ce.k[0, :, :, :n])
+            assert torch.equal(cs.v[0, :, :, :n], ce.v[0, :, :, :n])
+    assert n == 1 + 4 + 4 + 1 + 3  # the written steps, padding not counted
+
+
 def test_compiled_decode_graphs_give_the_eager_tokens_and_leave_other_widths_eager():
     """compile_decode (Inductor, weights frozen; the quick "default" mode here) serves the widths it was given:
     greedy AR and self-speculation equal the eager model's under the contract; a prefill stays eager."""
@@ -216,5 +250,8 @@ def test_compiled_decode_graphs_give_the_eager_tokens_and_leave_other_widths_eag
             contract.same(prompt, got, want)
     contract.assert_rare()
     assert set(calls) == {1, 4}  # the 6-token prefill ran eager; decode steps and 4-token blocks compiled
+    m.to(torch.bfloat16)  # the graphs hold fp32 weights: refused with the fix, not run stale
+    with pytest.raises(RuntimeError, match="changed since compile_decode.*call compile_decode again"):
+        m.generate(prompt, "ar", max_new_tokens=2)
     with pytest.raises(ValueError, match="token counts >= 1"):
         random_model(9).compile_decode(tokens=(0,))

@@ -11,6 +11,7 @@ predict token i; with ``causal`` they predict token i+1.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from . import fusion
 from .cache import KVCache
 from .config import ModelConfig, RopeParameters, llama4_query_scale
 from .fusion import FusedProjections
+from .machine import cache_root
 from .masks import full_mask, new_token_mask
 
 
@@ -149,6 +151,15 @@ class Encoder(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 
+def _cache_attention(q, k, v, bias):
+    """(softmax(q k^T / sqrt(D) + bias) v, its log-sum-exp in fp32): torch's fused CPU kernel, which
+    accumulates in fp32 and returns both; the same math elsewhere."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias)
+    s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias.float()
+    return torch.softmax(s, dim=-1) @ v.float(), torch.logsumexp(s, dim=-1)
+
+
 class _AttnContext:
     """What every layer of one forward shares: the key-space mask and how to get keys/values."""
 
@@ -158,27 +169,32 @@ class _AttnContext:
         self.fused = False  # fused projections (tridlm.fusion): at inference, not when gradients flow
         self.int8 = False  # with int8 weight-only products (TriModeLM.weight_format)
         self.static = False  # fixed-shape layout of a compiled decode graph (TriModeLM.compile_decode)
-        self.new_kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # static: each layer's new keys/values
+        # static: `mask` is among the new tokens only, [B, 1, T, T]; the cache's visible slots are
+        # `cache_bias` (0 / -inf, [B, 1, 1, S]); each layer's new keys/values are kept in `new_kv`
+        self.cache_bias = self.cache_empty = None
+        self.new_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def attend_static(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention of a compiled graph: over the whole cache, which the graph only reads (writing a
-        graph input makes Inductor copy the cache every layer), and over the new tokens, under one
-        softmax. The new keys/values are kept for the caller to store after the graph. `self.mask`
-        is [B, 1, 1, T, S + T]: cache slots then new tokens."""
+        graph input makes Inductor copy the cache every layer), and over the new tokens, the two
+        softmaxes merged by their log-sum-exps. The new keys/values are kept for the caller to store
+        after the graph. A kv head's G query heads attend as G x T query rows (no repeated keys)."""
         self.new_kv.append((k, v))
         B, H, T, D = q.shape
         n_kv = k.shape[1]
-        S = self.cache.k.shape[3]  # not cache.max_len: a graph may keep this size symbolic
-        q = q.float().view(B, n_kv, H // n_kv, T, 1, D) * D ** -0.5  # query heads grouped by their kv head
-
-        def scores(keys):  # [B, n_kv, N, D] -> [B, n_kv, G, T, N], fp32 like SDPA's accumulation
-            return (q * keys[:, :, None, None].float()).sum(-1)
-
-        s = torch.cat([scores(self.cache.k[layer]), scores(k)], dim=-1).masked_fill(~self.mask, float("-inf"))
-        p = torch.softmax(s, dim=-1)[..., None]
-        out = (p[..., :S, :] * self.cache.v[layer][:, :, None, None].float()).sum(-2) \
-            + (p[..., S:, :] * v[:, :, None, None].float()).sum(-2)
-        return out.to(k.dtype).view(B, H, T, D)
+        G = H // n_kv
+        qg = q.reshape(B, n_kv, G * T, D)  # row g*T + t: query head kv*G + g at token t
+        bias = self.cache_bias.expand(B, 1, G * T, self.cache_bias.shape[-1])
+        o_c, lse_c = _cache_attention(qg, self.cache.k[layer], self.cache.v[layer], bias)
+        lse_c = lse_c.masked_fill(self.cache_empty, float("-inf"))  # an empty cache adds nothing
+        s_n = (qg.float() @ k.float().transpose(-1, -2)) * D ** -0.5  # [B, n_kv, G*T, T]
+        s_n = s_n.masked_fill(~self.mask.repeat(1, 1, G, 1), float("-inf"))
+        lse_n = torch.logsumexp(s_n, dim=-1)  # finite: every new token sees itself
+        o_n = torch.softmax(s_n, dim=-1) @ v.float()
+        lse = torch.logaddexp(lse_c, lse_n)
+        o_c = torch.where(self.cache_empty[..., None], 0.0, o_c.float())
+        out = o_c * (lse_c - lse).exp()[..., None] + o_n * (lse_n - lse).exp()[..., None]
+        return out.to(q.dtype).view(B, n_kv, G, T, D).reshape(B, H, T, D)
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         c = self.cache
@@ -216,6 +232,7 @@ class TriModeLM(nn.Module):
         self.int8_max_tokens = 0  # int8 products for forwards of at most this many tokens (batch x tokens)
         self.head = FusedProjections(self, ("diffusion_head",))
         self._compiled, self._compiled_tokens = None, ()  # compile_decode's graphs and the widths they serve
+        self._compiled_for: tuple = ()  # the _graph_state they were compiled in
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -285,6 +302,10 @@ class TriModeLM(nn.Module):
         args = (input_ids, positions, cache, pattern, write_cache, block_size, valid, logits_at, return_hidden, gate)
         if self._compiled is not None and cache is not None and T in self._compiled_tokens and B == 1 \
                 and not torch.is_grad_enabled():
+            if self._graph_state() != self._compiled_for:
+                raise RuntimeError(f"the model changed since compile_decode ({self._compiled_for} -> "
+                                   f"{self._graph_state()}): its graphs hold the old weights; call "
+                                   "compile_decode again")
             if write_cache:
                 cache.check_room(T)
             try:
@@ -351,13 +372,15 @@ class TriModeLM(nn.Module):
         if static and cache is not None:
             # fixed shapes for a compiled graph: attention spans the whole cache, then the new tokens;
             # the mask hides cache slots past each row's length
-            S = cache.k.shape[3]
-            prefix = torch.arange(S, device=dev)[None, None, :] < cache.lengths[:, None, None]
+            S = cache.k.shape[3]  # not cache.max_len: a graph may keep this size symbolic
+            prefix = torch.arange(S, device=dev)[None, :] < cache.lengths[:, None]  # [B, S]
             new = nm.expand(B, T, T)
             if valid is not None:  # padding is seen by no one and sees only itself
                 new = (new & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
-            mask = torch.cat([prefix.expand(B, T, S), new], dim=-1)[:, None, None]
-            ctx = _AttnContext(cache, write, mask, None)
+            ctx = _AttnContext(cache, write, new[:, None], None)
+            zero = torch.zeros((), dtype=cache.k.dtype, device=dev)
+            ctx.cache_bias = torch.where(prefix, zero, float("-inf"))[:, None, None]  # [B, 1, 1, S]
+            ctx.cache_empty = (cache.lengths == 0)[:, None, None]
             ctx.key_len, ctx.static = S + T, True
             return ctx
         if cache is None:
@@ -426,6 +449,8 @@ class TriModeLM(nn.Module):
             raise ValueError(f"compile_decode needs token counts >= 1, got {tokens}")
         import torch._inductor.config as inductor_config
 
+        # torch's compile caches (graphs, autotuning) beside tridlm's, so a machine compiles once, not once a boot
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
         inductor_config.freezing = True  # weights as constants: what lets Inductor pick its packed GEMMs
         with torch.no_grad():
             for group in self._fused_groups():
@@ -435,8 +460,13 @@ class TriModeLM(nn.Module):
         options = {**torch._inductor.list_mode_options(mode),
                    "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         self._compiled = torch.compile(self._forward_static, fullgraph=True, dynamic=False, options=options)
-        self._compiled_tokens = tokens
+        self._compiled_tokens, self._compiled_for = tokens, self._graph_state()
         return self
+
+    def _graph_state(self) -> tuple:
+        """What compiled graphs bake in besides the weights' values."""
+        return (str(self.device), self.dtype, self.weight_format, self.int8_max_tokens,
+                self.draft_adapter is not None, self.fuse_projections)
 
     def _fused_groups(self) -> list[FusedProjections]:
         groups = [self.head]

@@ -75,6 +75,11 @@ def markdown(rep: dict, plot_prefix: str = "") -> str:
                        ("kernels", "Compiled decode graphs (batch 1)")):
         if by_sweep[key]:
             L += [f"### {title}", "", *_table(by_sweep[key]), ""]
+        if key == "kernels" and by_sweep[key]:
+            warm = [f"{r['label']} {r['warmup_s']:.0f} s" for r in by_sweep[key] if r.get("warmup_s") is not None]
+            if warm:
+                L += ["Untimed warm-up of each compiled configuration (compiling its graphs, or loading them from "
+                      "torch's cache on disk when an earlier run compiled them): " + ", ".join(warm) + ".", ""]
     L += _sol_section(rep)
     L += _auto_section(rep)
     L += _cost_section(rep)

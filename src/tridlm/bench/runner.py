@@ -151,6 +151,7 @@ class ConfigResult:
     quality: dict = field(default_factory=dict)
     speedup_vs_ar: float | None = None
     sol_fraction: float | None = None
+    warmup_s: float | None = None  # compiled kernels: the untimed calls that compile (or load) every graph
 
     @property
     def tokens_per_s_median(self) -> float:
@@ -178,6 +179,7 @@ class ConfigResult:
             "tpf": self.tpf, "acceptance_length_mean": self.acceptance_mean,
             "acceptance_length_histogram": dict(sorted(hist.items())),
             "quality": self.quality, "speedup_vs_ar": self.speedup_vs_ar, "sol_fraction": self.sol_fraction,
+            "warmup_s": self.warmup_s,
         }
 
 
@@ -207,10 +209,12 @@ def measure_tridlm(model, cfg: BenchConfig, L: int | None, prompt_ids: list[list
     def call(batch, **over):
         return model.generate(batch if len(batch) > 1 else batch[0], **{**kw, **over})
 
+    t0 = time.perf_counter()
     call(batches[0], max_new_tokens=min(4, s.max_new_tokens))  # warm-up: allocator, kernels, caches
     if cfg.kernels == "compiled":  # every shape the timed runs will meet compiles here, untimed
         for batch in batches:
             call(batch)
+    warmup_s = time.perf_counter() - t0 if cfg.kernels == "compiled" else None
     rates, outputs, acc = [], [], []
     tokens = forwards = calls = 0
     for rep in range(s.repeats):
@@ -229,7 +233,7 @@ def measure_tridlm(model, cfg: BenchConfig, L: int | None, prompt_ids: list[list
                 acc += res.metrics.acceptance_lengths
         tokens = tokens or n_tok
         rates.append(n_tok / wall)
-    return ConfigResult(cfg, [], L, rates, tokens, forwards, calls, acc, outputs)
+    return ConfigResult(cfg, [], L, rates, tokens, forwards, calls, acc, outputs, warmup_s=warmup_s)
 
 
 def measure_baseline(generate: Callable, cfg: BenchConfig, prompt_ids: list[list[int]], s: BenchSettings,

@@ -439,11 +439,12 @@ class TriModeLM(nn.Module):
         draft and verify passes) through a KV cache, without gradients, as Inductor graphs with the
         current weights frozen in: one graph per shape (tokens, pattern, cache length -- caches are then
         made a power of two long), compiled on first use (about a minute each for the 135M default model
-        on 2 CPU cores; torch caches some of the work on disk). Attention spans the cache's whole length
-        under a mask, so shapes stay fixed while rows grow. Prefills, batches and other widths stay eager.
-        The weights are baked in: call it again after changing them, the dtype or the weight format.
-        It resets torch's compiled graphs in this process (torch._dynamo.reset), and Inductor's freezing
-        stays on for later compiles."""
+        on 2 CPU cores; torch's caches, under tridlm's cache folder, let later processes load them).
+        Attention spans the cache's whole length under a mask and only reads it (the new keys/values are
+        stored after the graph), so shapes stay fixed while rows grow. Prefills, batches and other widths
+        stay eager. The weights are baked in: call it again after changing them (a changed dtype, weight
+        format or drafter is refused; changed values are not detected). It resets torch's compiled graphs
+        in this process (torch._dynamo.reset), and Inductor's freezing stays on for later compiles."""
         tokens = tuple(sorted({int(t) for t in tokens}))
         if not tokens or tokens[0] < 1:
             raise ValueError(f"compile_decode needs token counts >= 1, got {tokens}")

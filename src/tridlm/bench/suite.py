@@ -233,11 +233,12 @@ def targets(out: dict) -> list[dict]:
             t.append({"target": f"a draft pass (8 tokens, {dtype}) <= {TARGET_DRAFT_COST:g}x a causal pass",
                       "measured": f"{ratio:.2f}x", "value": ratio, "met": ratio <= TARGET_DRAFT_COST})
     for dtype in ("fp32", "bf16"):
-        ar, hf = res.get(f"ar b=1 {dtype}"), res.get(f"transformers b=1 {dtype}")
-        if ar and hf:
-            ratio = ar["tokens_per_s"]["median"] / hf["tokens_per_s"]["median"]
-            t.append({"target": f"AR batch 1 {dtype} >= {TARGET_HF_RATIO:g}x transformers generate",
-                      "measured": f"{ratio:.2f}x", "value": ratio, "met": ratio >= TARGET_HF_RATIO})
+        for kernels in ("", " compiled"):  # against transformers eager, as users call it
+            ar, hf = res.get(f"ar b=1 {dtype}{kernels}"), res.get(f"transformers b=1 {dtype}")
+            if ar and hf:
+                ratio = ar["tokens_per_s"]["median"] / hf["tokens_per_s"]["median"]
+                t.append({"target": f"AR batch 1 {dtype}{kernels} >= {TARGET_HF_RATIO:g}x transformers generate",
+                          "measured": f"{ratio:.2f}x", "value": ratio, "met": ratio >= TARGET_HF_RATIO})
         roof = out.get("roofline", {}).get(f"ar b=1 {dtype}")
         if roof:
             t.append({"target": f"AR batch 1 {dtype} >= {TARGET_ROOFLINE:.0%} of the bandwidth roofline",

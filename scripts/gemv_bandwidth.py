@@ -15,23 +15,14 @@ of the weights in the format read.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from tridlm.kernels import median_seconds as timed
+
 HIDDEN, INTER, KV, LAYERS = 576, 1536, 192, 30
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def gemv_rate(shapes, dtype, repeats: int) -> float:

@@ -34,7 +34,8 @@ def cache_file(model) -> Path:
     return cache_root() / "kernels" / f"int8-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
 
 
-def _timed(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` calls, after one untimed call."""
     fn()
     times = []
     for _ in range(repeats):
@@ -57,8 +58,10 @@ def measure_int8_widths(model, widths=WIDTHS, repeats: int = 5) -> dict[int, tup
         for w in widths:
             xs = [torch.randn(1, w, g.members()[0].weight.shape[1], dtype=model.dtype, device=model.device)
                   for g in groups]
-            out[w] = tuple(_timed(lambda int8=int8, xs=xs: [g(x, int8) for g, x in zip(groups, xs, strict=True)],
-                                  repeats) for int8 in (True, False))
+            def products(int8, xs=xs):
+                return [g(x, int8) for g, x in zip(groups, xs, strict=True)]
+
+            out[w] = tuple(median_seconds(lambda int8=int8: products(int8), repeats) for int8 in (True, False))
     return out
 
 

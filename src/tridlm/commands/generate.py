@@ -109,8 +109,30 @@ def prepared(model, args, block_length=None):
     elif args.dtype:
         model = model.to(getattr(torch, args.dtype))
     if args.kernels == "compiled":
-        model.compile_decode(tokens=(1, block_length) if isinstance(block_length, int) else (1,))
+        mode = getattr(args, "mode", None)
+        if mode == "ar" or not isinstance(block_length, int):
+            block_length = None  # AR compiles its one-token step only
+        model.compile_decode(tokens=(1, block_length) if block_length else (1,))
+        warm_compiled(model, mode or "ar", block_length)
     return model
+
+
+def warm_compiled(model, mode: str = "ar", block_length=None) -> None:
+    """Compile (or load from torch's disk cache) the decode graphs now, on a dummy prompt, so that the
+    first request's time and tokens/s are the engine's, not the compiler's."""
+    import time
+
+    import torch
+
+    print("compiling decode graphs (minutes on a machine's first use; later runs load them) ...", file=sys.stderr)
+    t0 = time.perf_counter()
+    ids = list(range(4, 12))
+    with torch.inference_mode():
+        if block_length:
+            model.generate(ids, mode, block_length=block_length, max_new_tokens=2 * block_length, ignore_eos=True)
+        else:
+            model.generate(ids, "ar", max_new_tokens=2, ignore_eos=True)
+    print(f"decode graphs ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
 def summary(result) -> str:

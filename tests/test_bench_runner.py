@@ -152,3 +152,27 @@ def test_llama_cpp_runner_on_the_real_package_when_installed(tmp_path, monkeypat
     assert runner.path == gguf  # its own format: no copy
     ids, seconds = runner.generate([1, 4093, 198, 19161, 253], 5, eos_token_id=2, ignore_eos=True)
     assert len(ids) == 5 and seconds > 0
+
+
+def test_compiled_rows_are_rated_against_compiled_ar(tiny, tmp_path, monkeypatch):
+    """A compiled configuration's speedup is over AR with the same kernels, and its warm-up is recorded.
+    compile_decode is replaced by its route without the compiler (what it compiles, run eagerly)."""
+    from tridlm import TriModeLM
+
+    def route_only(self, tokens=(1,), mode=None):
+        self._compiled, self._compiled_tokens = self._forward_static, tuple(sorted(set(tokens)))
+        self._compiled_for = self._graph_state()
+        return self
+
+    monkeypatch.setattr(TriModeLM, "compile_decode", route_only)
+    monkeypatch.setenv("TRIDLM_CACHE", str(tmp_path / "cache"))
+    s = tiny_settings(compiled=True, dtypes=("fp32",), block_lengths=(4,), thresholds=(0.9,), batch_sizes=(1,),
+                      hf_baseline=False, llama_cpp=False)
+    rep = run_bench(tiny, s, out_dir=tmp_path / "out", command="tridlm bench --test", log=lambda *_: None)
+    res = {r["label"]: r for r in rep["results"]}
+    ar, spec = res["ar b=1 fp32 compiled"], res["spec L=4 b=1 fp32 compiled"]
+    assert ar["speedup_vs_ar"] == 1.0 and ar["warmup_s"] > 0 and spec["warmup_s"] > 0
+    assert spec["speedup_vs_ar"] == pytest.approx(spec["tokens_per_s"]["median"] / ar["tokens_per_s"]["median"])
+    assert res["ar b=1 fp32"]["warmup_s"] is None  # eager rows compile nothing
+    assert spec["quality"]["identical_to_ar"] == 2  # the compiled layout keeps greedy self-speculation lossless
+    assert "Untimed warm-up of each compiled configuration" in (tmp_path / "out" / "bench.md").read_text()

@@ -10,7 +10,7 @@ import torch
 from conftest import assert_logits_agree, random_model
 
 import tridlm
-from tridlm import lora
+from tridlm import fusion, lora
 from tridlm.fusion import FusedProjections
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -124,8 +124,9 @@ def test_a_model_loaded_under_inference_mode_fuses_and_runs_outside_it():
         assert_logits_agree(m, m(ids), inside)
 
 
-def dequantized_twin(m):
-    """A float copy of bf16 model `m` whose projection weights are exactly m's int8 values times their scales."""
+def dequantized_twin(m, fmt):
+    """A bf16 copy of model `m` whose projection weights are m's quantized ones (int8: the codes times their
+    scales; int4: what the kernel itself makes of the packed codes, read back through an identity input)."""
     twin = copy.deepcopy(m)
     with torch.no_grad():
         twin(torch.tensor([[5, 6]]))  # fuse the copy too
@@ -133,23 +134,51 @@ def dequantized_twin(m):
             for name in ("qkv", "out", "gate_up", "down", "head"):
                 group = getattr(a, name, None)
                 if isinstance(group, FusedProjections) and group._weight is not None:
-                    q, scales = group._int8_rows()
-                    getattr(b, name)._weight.copy_((q.float() * scales.float()[:, None]).to(torch.bfloat16))
+                    if fmt == "int8":
+                        q, scales = group._int8_rows()
+                        getattr(b, name)._weight.copy_((q.float() * scales.float()[:, None]).to(torch.bfloat16))
+                    else:  # int4 covers the base rows; a drafter's A rows stay bf16
+                        packed, sz = group._int4_rows()
+                        eye = torch.eye(group._weight.shape[1], dtype=torch.bfloat16)
+                        base = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, fusion.INT4_GROUP, sz)
+                        getattr(b, name)._weight[:group._n_base].copy_(base.T)
     return twin
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("with_drafter", [False, True])
-def test_int8_weights_compute_the_dequantized_model(with_drafter):
-    m = (drafted(7) if with_drafter else random_model(7)).to(torch.bfloat16).set_weight_format("int8", max_tokens=18)
+def test_quantized_weights_compute_the_dequantized_model(with_drafter, fmt):
+    m = (drafted(7) if with_drafter else random_model(7)).to(torch.bfloat16).set_weight_format(fmt, max_tokens=18)
     ids = torch.randint(4, 64, (2, 9), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         m(ids)  # fuse, quantize
-        twin = dequantized_twin(m).set_weight_format("float")
+        twin = dequantized_twin(m, fmt).set_weight_format("float")
         for pattern in ("causal", "block"):
             got, want = m(ids, pattern=pattern), twin(ids, pattern=pattern)
             assert_logits_agree(m, got, want)
         m.set_weight_format("float")
-        assert not torch.equal(m(ids, pattern="block"), got)  # the int8 path did run: float weights differ
+        assert not torch.equal(m(ids, pattern="block"), got)  # the quantized path did run: float weights differ
+
+
+def test_int4_holds_q4_1_style_groups_exactly():
+    """Weights that already are 4-bit codes times a scale plus a minimum per group of 32 (GGUF's Q4_1, the
+    default model's source) come back from int4 as they were, to the rounding of bf16 scales."""
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 16, (64, 4, 32), generator=gen).float()
+    codes[..., 0], codes[..., 1] = 0, 15  # Q4_1 blocks span their range
+    scale = (torch.rand(64, 4, 1, generator=gen) * 0.05 + 0.01).to(torch.bfloat16).float()
+    lo = (torch.randn(64, 4, 1, generator=gen) * 0.1).to(torch.bfloat16).float()
+    w = (codes * scale + lo).view(64, 128).to(torch.bfloat16).float()
+    packed, sz = fusion.quantize_int4(w.to(torch.bfloat16))
+    back = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(128, dtype=torch.bfloat16), packed,
+                                                       fusion.INT4_GROUP, sz).T.float()
+    step = scale.expand(64, 4, 32).reshape(64, 128)
+    # three bf16 roundings (u = 2^-8, relative): the scale (times up to 15 codes), the offset
+    # (|min| + 8 scale) and the output; a wrong code would be off by a whole step
+    u = 2.0 ** -8
+    tol = u * (15 * step + lo.abs().expand(64, 4, 32).reshape(64, 128) + 8 * step + w.abs())
+    assert bool((tol < step / 2).all())  # the bound tells codes apart
+    assert bool(((back - w).abs() <= tol).all())
 
 
 def test_forwards_wider_than_the_int8_range_use_the_bf16_weights():
@@ -169,20 +198,23 @@ def test_the_int8_range_is_measured_once_per_machine_and_ends_where_bf16_wins(mo
     monkeypatch.setenv("TRIDLM_CACHE", str(tmp_path))
     calls = []
     fake = {1: (1.0, 2.0), 2: (1.0, 2.0), 4: (1.0, 1.5), 8: (2.0, 1.0), 16: (1.0, 3.0)}  # int8 loses at 8
-    monkeypatch.setattr(kernels, "measure_int8_widths", lambda model: calls.append(1) or fake)
+    monkeypatch.setattr(kernels, "measure_widths", lambda model, fmt: calls.append(fmt) or fake)
     m = random_model(7).to(torch.bfloat16)
-    assert m.set_weight_format("int8").int8_max_tokens == 4  # 16 is past the first loss: not int8's
-    assert random_model(8).to(torch.bfloat16).set_weight_format("int8").int8_max_tokens == 4  # same shapes
-    assert len(calls) == 1 and kernels.cache_file(m).exists()
-    assert m.set_weight_format("int8", max_tokens=16).int8_max_tokens == 16  # an explicit range wins
-    assert len(calls) == 1
+    assert m.set_weight_format("int8").quant_max_tokens == 4  # 16 is past the first loss: not int8's
+    assert random_model(8).to(torch.bfloat16).set_weight_format("int8").quant_max_tokens == 4  # same shapes
+    assert calls == ["int8"] and kernels.cache_file(m, "int8").exists()
+    assert m.set_weight_format("int8", max_tokens=16).quant_max_tokens == 16  # an explicit range wins
+    assert m.set_weight_format("int4").quant_max_tokens == 4 and calls == ["int8", "int4"]  # its own measurement
+    kernels.cache_file(m, "int8").write_text('{"old": 1}')  # another version's file: measured again
+    assert m.set_weight_format("int8").quant_max_tokens == 4 and calls == ["int8", "int4", "int8"]
 
 
 def test_the_int8_measurement_times_both_paths_at_every_width():
     from tridlm import kernels
 
-    got = kernels.measure_int8_widths(random_model(7).to(torch.bfloat16), widths=(1, 8), repeats=1)
-    assert sorted(got) == [1, 8] and all(a > 0 and b > 0 for a, b in got.values())
+    for fmt in ("int8", "int4"):
+        got = kernels.measure_widths(random_model(7).to(torch.bfloat16), fmt, widths=(1, 8), repeats=1)
+        assert sorted(got) == [1, 8] and all(a > 0 and b > 0 for a, b in got.values())
 
 
 def test_int8_is_refused_with_the_fix_when_it_cannot_run(monkeypatch):
@@ -190,11 +222,17 @@ def test_int8_is_refused_with_the_fix_when_it_cannot_run(monkeypatch):
 
     with pytest.raises(ValueError, match=r"need bf16 activations.*to\(torch.bfloat16\)"):
         random_model(8).set_weight_format("int8")
-    with pytest.raises(ValueError, match="unknown weight format 'int4'"):
+    with pytest.raises(ValueError, match=r"int4 weights need bf16 activations.*to\(torch.bfloat16\)"):
         random_model(8).set_weight_format("int4")
+    with pytest.raises(ValueError, match="unknown weight format 'int3'"):
+        random_model(8).set_weight_format("int3")
+    with pytest.raises(ValueError, match=r"do not fit.*hidden_size 48 \(inputs: a multiple of 32\).*use int8"):
+        random_model(8, hidden_size=48, num_attention_heads=4).to(torch.bfloat16).set_weight_format("int4")
     monkeypatch.setattr(fusion, "int8_available", lambda device: False)
-    with pytest.raises(ValueError, match="not available on cpu.*use bfloat16"):
-        random_model(8).to(torch.bfloat16).set_weight_format("int8")
+    monkeypatch.setattr(fusion, "int4_available", lambda device: False)
+    for fmt in ("int8", "int4"):
+        with pytest.raises(ValueError, match=f"{fmt} weight-only products are not available on cpu.*use bfloat16"):
+            random_model(8).to(torch.bfloat16).set_weight_format(fmt)
 
 
 @pytest.mark.parametrize("with_drafter", [False, True])

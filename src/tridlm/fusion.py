@@ -11,7 +11,10 @@ drafter), so AR mode and verify tokens compute exactly what the base model compu
 
 With the model's weight format "int8" (TriModeLM.set_weight_format) the fused rows are also kept as
 int8 with one scale per row, quantized once, and the products use torch's int8 weight-only kernel with
-bf16 activations; the B matrices stay in bf16.
+bf16 activations; the B matrices stay in bf16. With "int4" the base rows are kept as 4-bit codes with a
+scale and an offset per group of 32 inputs (asymmetric, like GGUF's Q4_1, from which the default model's
+weights come, so those are held almost exactly) for torch's int4 weight-only kernel; the drafter's A rows
+stay in bf16 (a few rows, a separate small product).
 
 The layout is checked before each use (the members' storage pointers) and rebuilt when something
 replaced a parameter -- `.to(dtype)`, `load_state_dict(assign=True)`, `deepcopy`, attaching a drafter
@@ -23,6 +26,50 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+INT4_GROUP = 32  # inputs per int4 scale/offset pair, as in GGUF's Q4_1 blocks
+QUANTIZED = ("int8", "int4")
+
+
+def int4_available(device) -> bool:
+    """Whether torch's int4 weight-only product (groups of 32, bf16 activations) runs on `device`."""
+    if torch.device(device).type != "cpu":
+        return False  # its packing differs off the CPU; not wired here
+    try:
+        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(16, 64, dtype=torch.int32), 1)
+        sz = torch.ones(64 // INT4_GROUP, 16, 2, dtype=torch.bfloat16)
+        torch.ops.aten._weight_int4pack_mm_for_cpu(torch.ones(1, 64, dtype=torch.bfloat16), w, INT4_GROUP, sz)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+    return True
+
+
+INT4_ROWS = 16  # the kernel's packing takes a multiple of this many output rows
+
+
+def int4_misfit(config) -> str | None:
+    """Why the model's products cannot take int4 weights (inputs a multiple of 32, outputs of 16), or None."""
+    c = config
+    inputs = {"hidden_size": c.hidden_size, "heads x head_dim": c.num_attention_heads * c.head_dim,
+              "intermediate_size": c.intermediate_size}
+    outputs = {"q/k/v rows": (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim,
+               "hidden_size": c.hidden_size, "2 x intermediate_size": 2 * c.intermediate_size,
+               "vocab_size": c.vocab_size}
+    bad = [f"{k} {v} (inputs: a multiple of {INT4_GROUP})" for k, v in inputs.items() if v % INT4_GROUP]
+    bad += [f"{k} {v} (outputs: a multiple of {INT4_ROWS})" for k, v in outputs.items() if v % INT4_ROWS]
+    return ", ".join(bad) or None
+
+
+def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed codes, scales and offsets [K/32, N, 2]) of w [N, K]: per group of 32 inputs, the group's
+    minimum and (max - min)/15 -- the kernel computes w = (q - 8) * scale + offset, so offset = min + 8 scale."""
+    n, k = w.shape
+    g = w.float().view(n, k // INT4_GROUP, INT4_GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(n, k)
+    sz = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(w.dtype)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz
 
 
 def int8_available(device) -> bool:
@@ -45,6 +92,7 @@ class FusedProjections:
         self._weight = self._block_b = self._gate_src = None
         self._n_base, self._splits, self._scaling = 0, [], 1.0
         self._int8: tuple | None = None  # (int8 rows, per-row scales, the float weight's version)
+        self._int4: tuple | None = None  # (packed base rows, scales and offsets, the float weight's version)
 
     def members(self) -> list:
         return [getattr(self.owner, n) for n in self.names]
@@ -82,7 +130,7 @@ class FusedProjections:
             weight[start:start + n].copy_(p)
             p.data = weight[start:start + n]
             start += n
-        self._weight, self._block_b, self._gate_src, self._int8 = weight, None, None, None
+        self._weight, self._block_b, self._gate_src, self._int8, self._int4 = weight, None, None, None, None
         if lora:
             scalings = {m.scaling for m in lora}
             if len(scalings) != 1:
@@ -113,33 +161,55 @@ class FusedProjections:
             self._int8 = (q, scales.to(w.dtype), version)
         return self._int8[0], self._int8[1]
 
-    def _product(self, x: torch.Tensor, rows: slice, int8: bool) -> torch.Tensor:
-        if not int8:
+    def _int4_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base rows as packed int4 codes with per-group scales and offsets, kept like `_int8_rows`."""
+        w = self._weight
+        if torch.compiler.is_compiling():
+            return self._int4[0], self._int4[1]
+        version = None if w.is_inference() else w._version
+        if self._int4 is None or self._int4[2] != version:
+            with torch.inference_mode(w.is_inference()), torch.no_grad():
+                self._int4 = (*quantize_int4(w[:self._n_base]), version)
+        return self._int4[0], self._int4[1]
+
+    def _product(self, x: torch.Tensor, rows: slice, quant: str | None) -> torch.Tensor:
+        if quant is None:
             return F.linear(x, self._weight[rows])
+        flat = x.reshape(-1, x.shape[-1])
+        if quant == "int4":
+            if rows.start:  # the drafter's A rows only: kept in bf16
+                return F.linear(x, self._weight[rows])
+            packed, sz = self._int4_rows()
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), packed, INT4_GROUP, sz)
+            if rows.stop is None and self._weight.shape[0] > self._n_base:  # base and A rows together
+                out = torch.cat([out, F.linear(flat, self._weight[self._n_base:])], dim=-1)
+            return out.view(*x.shape[:-1], -1)
         q, scales = self._int8_rows()
-        flat = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q[rows], scales[rows])
+        flat = torch.ops.aten._weight_int8pack_mm(flat, q[rows], scales[rows])
         return flat.view(*x.shape[:-1], -1)
 
-    def prepare(self, int8: bool) -> None:
+    def prepare(self, quant: str | None) -> None:
         """Lay out (and quantize) now, e.g. before a compiled graph captures the tensors."""
         self._ensure()
-        if int8:
+        if quant == "int8":
             self._int8_rows()
+        elif quant == "int4":
+            self._int4_rows()
 
-    def __call__(self, x: torch.Tensor, int8: bool = False) -> list[torch.Tensor]:
-        """The members' outputs for input x; int8: weight-only int8 products (bf16 activations)."""
+    def __call__(self, x: torch.Tensor, quant: str | None = None) -> list[torch.Tensor]:
+        """The members' outputs for input x; quant "int8" / "int4": weight-only products (bf16 activations)."""
         if not torch.compiler.is_compiling():  # a compiled graph captured the prepared layout
             self._ensure()
         gate = self._gate_src.value if self._gate_src is not None else None
         base = slice(0, self._n_base)
         if gate is None:  # no draft token: the base rows only, exactly the base model's products
-            y = self._product(x, base, int8)
+            y = self._product(x, base, quant)
         elif isinstance(gate, str):  # every token a draft: base outputs and x @ A.T from one product
-            both = self._product(x, slice(None), int8)
+            both = self._product(x, slice(None), quant)
             y, xa = both[..., :self._n_base], both[..., self._n_base:]
             y = y + F.linear(xa, self._block_b) * self._scaling
         else:  # drafts among base tokens: the base tokens keep the base model's exact products
-            y = self._product(x, base, int8)
-            xa = self._product(x, slice(self._n_base, None), int8)
+            y = self._product(x, base, quant)
+            xa = self._product(x, slice(self._n_base, None), quant)
             y = y + F.linear(xa, self._block_b) * self._scaling * gate
         return list(y.split(self._splits, dim=-1)) if len(self._splits) > 1 else [y]

@@ -1,12 +1,13 @@
 """Which weight path a forward takes, chosen by measuring it on this machine.
 
-int8 weight-only products (weight format "int8") read half the bytes of bf16 ones, which wins while a
-forward is memory-bound (a few tokens: decoding steps, verify and draft blocks); past some width
-torch's bf16 GEMM wins (a prefill: on a 2-core AMD EPYC a 128-token prefill takes 134 ms through
-int8 kernels, 84 ms through bf16 ones). `int8_max_tokens` is the widest forward (batch x tokens)
-for which int8 measured faster, found once on the model's own fused projections (well under a
-second) and kept under `tridlm.machine.cache_root()/kernels/` keyed by CPU, ISA, threads, torch and
-the model's shapes. The bf16 weights stay the parameters, so both paths are always there.
+int8 and int4 weight-only products (weight formats "int8", "int4") read a half or a quarter of the
+bytes of bf16 ones, which wins while a forward is memory-bound (a few tokens: decoding steps, verify
+and draft blocks); past some width torch's bf16 GEMM wins (a prefill: on a 2-core AMD EPYC a 128-token
+prefill takes 134 ms through int8 kernels, 84 ms through bf16 ones). `quant_max_tokens` is the widest
+forward (batch x tokens) for which the format measured faster, found once on the model's own fused
+projections (well under a second) and kept under `tridlm.machine.cache_root()/kernels/` keyed by
+format, CPU, ISA, threads, torch and the model's shapes. The bf16 weights stay the parameters, so both
+paths are always there.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128)  # forward widths (batch x tokens) measur
 LAYERS_TIMED = 4  # layers whose products are timed: enough for a stable ratio, fast enough to be unseen
 
 
-def cache_file(model) -> Path:
+def cache_file(model, fmt: str) -> Path:
     shapes = {k: getattr(model.config, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                    "num_key_value_heads", "head_dim", "vocab_size")}
     text = json.dumps({"cpu": cpu_name(), "isa": cpu_isa(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__, "device": str(model.device), "shapes": shapes,
                        "drafter": model.draft_adapter is not None}, sort_keys=True)
-    return cache_root() / "kernels" / f"int8-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    return cache_root() / "kernels" / f"{fmt}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -45,8 +46,8 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_int8_widths(model, widths=WIDTHS, repeats: int = 5) -> dict[int, tuple[float, float]]:
-    """{width: (seconds through int8 products, seconds through bf16 ones)} for the base products of a
+def measure_widths(model, fmt: str, widths=WIDTHS, repeats: int = 5) -> dict[int, tuple[float, float]]:
+    """{width: (seconds through `fmt` products, seconds through bf16 ones)} for the base products of a
     few layers (q/k/v, o, gate/up, down) at that many tokens."""
     groups = []
     for layer in model.encoder.layers[:LAYERS_TIMED]:
@@ -54,32 +55,35 @@ def measure_int8_widths(model, widths=WIDTHS, repeats: int = 5) -> dict[int, tup
     out = {}
     with torch.no_grad():
         for g in groups:
-            g.prepare(int8=True)
+            g.prepare(fmt)
         for w in widths:
             xs = [torch.randn(1, w, g.members()[0].weight.shape[1], dtype=model.dtype, device=model.device)
                   for g in groups]
-            def products(int8, xs=xs):
-                return [g(x, int8) for g, x in zip(groups, xs, strict=True)]
+            def products(quant, xs=xs):
+                return [g(x, quant) for g, x in zip(groups, xs, strict=True)]
 
-            out[w] = tuple(median_seconds(lambda int8=int8: products(int8), repeats) for int8 in (True, False))
+            out[w] = tuple(median_seconds(lambda q=q: products(q), repeats) for q in (fmt, None))
     return out
 
 
-def int8_max_tokens(model, refresh: bool = False) -> int:
-    """The widest forward (batch x tokens) to run through int8 products on this machine: 0 when int8
-    never wins, the widest width measured when it always does. Cached per machine."""
-    path = cache_file(model)
+def quant_max_tokens(model, fmt: str, refresh: bool = False) -> int:
+    """The widest forward (batch x tokens) to run through `fmt` products on this machine: 0 when they
+    never win, the widest width measured when they always do. Cached per machine."""
+    path = cache_file(model, fmt)
     if path.exists() and not refresh:
-        return int(json.loads(path.read_text())["int8_max_tokens"])
-    timings = measure_int8_widths(model)
+        try:
+            return int(json.loads(path.read_text())["max_tokens"])
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable or from another version: measure again
+    timings = measure_widths(model, fmt)
     best = 0
-    for w in sorted(timings):  # the first width at which bf16 wins ends int8's range
+    for w in sorted(timings):  # the first width at which bf16 wins ends the format's range
         if timings[w][0] > timings[w][1]:
             break
         best = w
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"int8_max_tokens": best, "ms": {w: [round(a * 1e3, 3), round(b * 1e3, 3)]
+    tmp.write_text(json.dumps({"max_tokens": best, "ms": {w: [round(a * 1e3, 3), round(b * 1e3, 3)]
                                                                for w, (a, b) in timings.items()}}, indent=1))
     tmp.replace(path)
     return best

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .fusion import int8_available
+from .fusion import int4_available, int8_available
 
 # CPU flags that change which kernels run (and so speed and the last bits of fp32 results)
 KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -100,6 +100,7 @@ def environment_report() -> dict:
         "default_dtype": "the checkpoint's (float32 for the default model); --dtype overrides",
         "kernels": "eager PyTorch (ATen CPU kernels at the ISA above); q/k/v and gate/up fused at inference",
         "int8_weight_only": int8_available(device),
+        "int4_weight_only": int4_available(device),
         "cache": str(root),
         "cache_bytes": _folder_size(root) if root.is_dir() else 0,
         "cache_entries": entries,

@@ -96,7 +96,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, q_scale, layer: int, ctx: _AttnContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x, ctx.int8) if ctx.fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q, k, v = self.qkv(x, ctx.quant) if ctx.fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -111,7 +111,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask,
                                                  enable_gqa=self.n_kv != self.n_heads)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.out(out, ctx.int8)[0] if ctx.fused else self.o_proj(out)
+        return self.out(out, ctx.quant)[0] if ctx.fused else self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -123,10 +123,10 @@ class MLP(nn.Module):
         self.gate_up = FusedProjections(self, ("gate_proj", "up_proj"))
         self.down = FusedProjections(self, ("down_proj",))
 
-    def forward(self, x: torch.Tensor, fused: bool = False, int8: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False, quant: str | None = None) -> torch.Tensor:
         if fused:
-            gate, up = self.gate_up(x, int8)
-            return self.down(F.silu(gate) * up, int8)[0]
+            gate, up = self.gate_up(x, quant)
+            return self.down(F.silu(gate) * up, quant)[0]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -140,7 +140,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, q_scale, layer: int, ctx: _AttnContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, q_scale, layer, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx.fused, ctx.int8)
+        return x + self.mlp(self.post_attention_layernorm(x), ctx.fused, ctx.quant)
 
 
 class Encoder(nn.Module):
@@ -167,7 +167,7 @@ class _AttnContext:
         self.cache, self.write, self.mask, self.uniform = cache, write, mask, uniform
         self.key_len = 0
         self.fused = False  # fused projections (tridlm.fusion): at inference, not when gradients flow
-        self.int8 = False  # with int8 weight-only products (TriModeLM.weight_format)
+        self.quant = None  # "int8" / "int4": weight-only products (TriModeLM.weight_format)
         self.static = False  # fixed-shape layout of a compiled decode graph (TriModeLM.compile_decode)
         # static: `mask` is among the new tokens only, [B, 1, T, T]; the cache's visible slots are
         # `cache_bias` (0 / -inf, [B, 1, 1, S]); each layer's new keys/values are kept in `new_kv`
@@ -228,8 +228,8 @@ class TriModeLM(nn.Module):
         self.draft_adapter: dict | None = None  # set by tridlm.lora.attach (a LoRA drafter)
         self._draft_gate = None
         self.fuse_projections = True  # tridlm.fusion at inference; the trainer turns it off
-        self.weight_format = "float"  # or "int8": see set_weight_format
-        self.int8_max_tokens = 0  # int8 products for forwards of at most this many tokens (batch x tokens)
+        self.weight_format = "float"  # or "int8" / "int4": see set_weight_format
+        self.quant_max_tokens = 0  # quantized products for forwards of at most this many tokens (batch x tokens)
         self.head = FusedProjections(self, ("diffusion_head",))
         self._compiled, self._compiled_tokens = None, ()  # compile_decode's graphs and the widths they serve
         self._compiled_for: tuple = ()  # the _graph_state they were compiled in
@@ -330,7 +330,8 @@ class TriModeLM(nn.Module):
         cos, sin, q_scale = self._rope(positions, x.dtype)
         ctx = self._attention_context(B, T, pattern, block_size, cache, write_cache, valid, dev, static)
         ctx.fused = self.fuse_projections and not torch.is_grad_enabled()
-        ctx.int8 = ctx.fused and self.weight_format == "int8" and B * T <= self.int8_max_tokens
+        if ctx.fused and self.weight_format in fusion.QUANTIZED and B * T <= self.quant_max_tokens:
+            ctx.quant = self.weight_format
         if self._draft_gate is not None:
             self._draft_gate.value = gate
         try:
@@ -344,7 +345,7 @@ class TriModeLM(nn.Module):
         x = self.encoder.norm(x)
         if logits_at is not None:
             x = torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
-        out = x if return_hidden else self.head(x, ctx.int8)[0] if ctx.fused else self.diffusion_head(x)
+        out = x if return_hidden else self.head(x, ctx.quant)[0] if ctx.fused else self.diffusion_head(x)
         if ctx.static:  # the new keys/values, [layers, B, H, T, D], for the caller to store
             return out, torch.stack([k for k, _ in ctx.new_kv]), torch.stack([v for _, v in ctx.new_kv])
         return out
@@ -415,23 +416,29 @@ class TriModeLM(nn.Module):
 
     def set_weight_format(self, fmt: str, max_tokens: int | None = None) -> TriModeLM:
         """"int8": inference products read int8 weights with one scale per output row (weight-only, A16W8:
-        activations stay bf16), quantized once from the bf16 weights, which stay the parameters (training,
-        saving and gradients use them). Needs a bf16 model; "float" goes back. Opt-in: it changes outputs.
-        Forwards wider than `max_tokens` (batch x tokens; default: measured on this machine, see
-        tridlm.kernels) use the bf16 weights, faster there: prefills, typically."""
-        if fmt not in ("float", "int8"):
-            raise ValueError(f"unknown weight format {fmt!r}; use 'float' or 'int8'")
-        if fmt == "int8" and self.dtype != torch.bfloat16:
-            raise ValueError(f"int8 weights need bf16 activations; the model is {self.dtype}: call "
-                             ".to(torch.bfloat16) first (torch's int8 weight-only product is fast only with bf16)")
-        if fmt == "int8" and not fusion.int8_available(self.device):
-            raise ValueError(f"int8 weight-only products are not available on {self.device} in torch "
-                             f"{torch.__version__}; use bfloat16 there")
-        if fmt == "int8" and max_tokens is None:
-            from .kernels import int8_max_tokens
+        activations stay bf16); "int4": 4-bit codes with a scale and an offset per group of 32 inputs
+        (A16W4, like GGUF's Q4_1). Quantized once from the bf16 weights, which stay the parameters
+        (training, saving and gradients use them). Needs a bf16 model; "float" goes back. Opt-in: it
+        changes outputs. Forwards wider than `max_tokens` (batch x tokens; default: measured on this
+        machine, see tridlm.kernels) use the bf16 weights, faster there: prefills, typically."""
+        if fmt not in ("float", *fusion.QUANTIZED):
+            raise ValueError(f"unknown weight format {fmt!r}; use 'float', 'int8' or 'int4'")
+        if fmt in fusion.QUANTIZED:
+            if self.dtype != torch.bfloat16:
+                raise ValueError(f"{fmt} weights need bf16 activations; the model is {self.dtype}: call "
+                                 f".to(torch.bfloat16) first (torch's {fmt} weight-only kernel is fast with bf16)")
+            available = fusion.int8_available if fmt == "int8" else fusion.int4_available
+            if not available(self.device):
+                raise ValueError(f"{fmt} weight-only products are not available on {self.device} in torch "
+                                 f"{torch.__version__}; use bfloat16 there")
+            misfit = fusion.int4_misfit(self.config) if fmt == "int4" else None
+            if misfit:
+                raise ValueError(f"int4 weights do not fit this model's shapes: {misfit}; use int8")
+            if max_tokens is None:
+                from .kernels import quant_max_tokens
 
-            max_tokens = int8_max_tokens(self)
-        self.weight_format, self.int8_max_tokens = fmt, max_tokens or 0
+                max_tokens = quant_max_tokens(self, fmt)
+        self.weight_format, self.quant_max_tokens = fmt, max_tokens or 0
         return self
 
     def compile_decode(self, tokens=(1,), mode: str = "max-autotune-no-cudagraphs") -> TriModeLM:
@@ -455,7 +462,7 @@ class TriModeLM(nn.Module):
         inductor_config.freezing = True  # weights as constants: what lets Inductor pick its packed GEMMs
         with torch.no_grad():
             for group in self._fused_groups():
-                group.prepare(self.weight_format == "int8")
+                group.prepare(self.weight_format if self.weight_format in fusion.QUANTIZED else None)
         torch._dynamo.reset()
         # the weights are frozen into the graphs anyway: guarding the modules would only cost time per call
         options = {**torch._inductor.list_mode_options(mode),
@@ -466,7 +473,7 @@ class TriModeLM(nn.Module):
 
     def _graph_state(self) -> tuple:
         """What compiled graphs bake in besides the weights' values."""
-        return (str(self.device), self.dtype, self.weight_format, self.int8_max_tokens,
+        return (str(self.device), self.dtype, self.weight_format, self.quant_max_tokens,
                 self.draft_adapter is not None, self.fuse_projections)
 
     def _fused_groups(self) -> list[FusedProjections]:

@@ -21,7 +21,9 @@ import torch
 
 from .prompts import Prompt, is_correct
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}  # int8: weight-only, bf16 act.
+# int8 / int4: weight-only formats with bf16 activations
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
+WEIGHT_ONLY = ("int8", "int4")
 BASELINES = ("hf", "llama.cpp")  # other engines, AR at batch 1
 
 
@@ -295,7 +297,7 @@ def quality(result: ConfigResult, prompts: list[Prompt], prompt_ids, reference, 
 
 
 def model_in_dtype(model, dtype: str):
-    fmt = "int8" if dtype == "int8" else "float"
+    fmt = dtype if dtype in WEIGHT_ONLY else "float"
     if DTYPES[dtype] == model.dtype and model.weight_format == fmt:
         return model
     return _copy(model).to(DTYPES[dtype]).set_weight_format(fmt).eval()
@@ -328,8 +330,8 @@ def run_configs(model, prompts: list[Prompt], s: BenchSettings, log: Callable[[s
         m = model_in_dtype(model, dtype)
         hf = compiled = None
         for cfg, sweeps in plan:
-            if cfg.dtype != dtype or (cfg.mode == "hf" and (not hf_ok or dtype == "int8")):
-                continue  # transformers has no int8 path of ours to compare with
+            if cfg.dtype != dtype or (cfg.mode == "hf" and (not hf_ok or dtype in WEIGHT_ONLY)):
+                continue  # transformers has no int8/int4 path of ours to compare with
             L = cfg.block_length
             if L == "auto":
                 L = resolve_auto(m, results, cfg.batch_size) if resolve_auto else 32

@@ -97,7 +97,8 @@ def run_bench(model_or_path, settings: BenchSettings | None = None, out_dir="ben
     log(f"cost profile: {time.perf_counter() - t0:.0f} s")
 
     def resolve_auto(m, results, batch) -> int:
-        dtype = "int8" if m.weight_format == "int8" else {torch.float32: "fp32", torch.bfloat16: "bf16"}[m.dtype]
+        floats = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+        dtype = m.weight_format if m.weight_format != "float" else floats[m.dtype]
         acc = _acceptance_from(results, dtype) or _acceptance_from(results, "fp32")
         if acc is not None:
             save_acceptance_profile(m, acc)
@@ -141,7 +142,7 @@ def run_bench(model_or_path, settings: BenchSettings | None = None, out_dir="ben
     roof = {}
     mean_prompt = statistics.mean(len(p.encode(model.tokenizer)) for p in prompts)
     for r in results:
-        if r.config.mode in ("ar", "hf") and r.config.batch_size == 1 and r.config.dtype != "int8":
+        if r.config.mode in ("ar", "hf") and r.config.batch_size == 1 and r.config.dtype in ("fp32", "bf16"):
             ctx = mean_prompt + r.generated_tokens / len(prompts) / 2
             m = model_in_dtype(model, r.config.dtype)
             roof[r.config.label] = roofline(m, r.tokens_per_s_median, ctx, bw).to_dict()
@@ -212,7 +213,7 @@ def targets(out: dict) -> list[dict]:
     res = {r["label"]: r for r in out["results"]}
     t = []
     for kernels in ("", " compiled"):
-        for dtype, quant in (("bf16", "BF16"), ("fp32", "BF16"), ("int8", "Q8_0")):
+        for dtype, quant in (("bf16", "BF16"), ("fp32", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_1")):
             ar, lc = res.get(f"ar b=1 {dtype}{kernels}"), res.get(f"llama.cpp b=1 {quant}")
             if ar and lc:
                 ratio = ar["tokens_per_s"]["median"] / lc["tokens_per_s"]["median"]

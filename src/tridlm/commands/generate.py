@@ -53,9 +53,10 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 def add_load_args(p: argparse.ArgumentParser) -> None:
     """How a command loads its model: device, dtype, and whether a LoRA drafter is used."""
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "int8"), default=None,
-                   help="compute dtype (default: the checkpoint's); int8: int8 weight-only products with bf16 "
-                   "activations, faster on CPUs, not AR's exact fp32 output (README, What is exact)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "int8", "int4"), default=None,
+                   help="compute dtype (default: the checkpoint's); int8 / int4: weight-only products with bf16 "
+                   "activations (int4: 4-bit groups of 32, like GGUF's Q4_1), faster on CPUs, not AR's exact fp32 "
+                   "output (README, What is exact)")
     p.add_argument("--no-draft-adapter", action="store_true", help="ignore a LoRA drafter in the checkpoint")
     p.add_argument("--kernels", choices=("eager", "compiled"), default="eager",
                    help="compiled: decode steps and --block-length blocks as Inductor graphs with frozen weights "
@@ -104,8 +105,8 @@ def prepared(model, args, block_length=None):
     """The model in the --dtype and --kernels chosen (compiled graphs for AR steps and block_length wide blocks)."""
     import torch
 
-    if args.dtype == "int8":
-        model = model.to(torch.bfloat16).set_weight_format("int8")
+    if args.dtype in ("int8", "int4"):
+        model = model.to(torch.bfloat16).set_weight_format(args.dtype)
     elif args.dtype:
         model = model.to(getattr(torch, args.dtype))
     if args.kernels == "compiled":

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 INT4_GROUP = 32  # inputs per int4 scale/offset pair, as in GGUF's Q4_1 blocks
+INT4_ROWS = 16  # the kernel's packing takes a multiple of this many output rows
 QUANTIZED = ("int8", "int4")
 
 
@@ -36,15 +37,13 @@ def int4_available(device) -> bool:
     if torch.device(device).type != "cpu":
         return False  # its packing differs off the CPU; not wired here
     try:
-        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(16, 64, dtype=torch.int32), 1)
-        sz = torch.ones(64 // INT4_GROUP, 16, 2, dtype=torch.bfloat16)
+        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(INT4_ROWS, 64, dtype=torch.int32), 1)
+        sz = torch.ones(64 // INT4_GROUP, INT4_ROWS, 2, dtype=torch.bfloat16)
         torch.ops.aten._weight_int4pack_mm_for_cpu(torch.ones(1, 64, dtype=torch.bfloat16), w, INT4_GROUP, sz)
     except (RuntimeError, NotImplementedError, AttributeError):
         return False
     return True
 
-
-INT4_ROWS = 16  # the kernel's packing takes a multiple of this many output rows
 
 
 def int4_misfit(config) -> str | None:
@@ -147,30 +146,30 @@ class FusedProjections:
                 out += m.weight.shape[0]
             self._block_b, self._gate_src = block, lora[0].gate
 
-    def _int8_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused weight as int8 with one scale per row (symmetric), made once and kept while the
-        float weight is unchanged (an in-place change bumps its version)."""
+    def _quantized(self, fmt: str) -> tuple:
+        """The fused weight in `fmt`, made once and kept while the float weight is unchanged (an in-place
+        change bumps its version): int8, every row with one symmetric scale; int4, the base rows packed
+        with per-group scales and offsets (quantize_int4)."""
         w = self._weight
+        cached = self._int8 if fmt == "int8" else self._int4
         if torch.compiler.is_compiling():
-            return self._int8[0], self._int8[1]
+            return cached[:2]
         version = None if w.is_inference() else w._version  # inference tensors cannot change outside it
-        if self._int8 is None or self._int8[2] != version:
+        if cached is None or cached[2] != version:
             with torch.inference_mode(w.is_inference()), torch.no_grad():
-                scales = (w.abs().amax(1).float() / 127).clamp(min=1e-12)
-                q = (w.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
-            self._int8 = (q, scales.to(w.dtype), version)
-        return self._int8[0], self._int8[1]
+                if fmt == "int8":
+                    scales = (w.abs().amax(1).float() / 127).clamp(min=1e-12)
+                    q = (w.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+                    cached = self._int8 = (q, scales.to(w.dtype), version)
+                else:
+                    cached = self._int4 = (*quantize_int4(w[:self._n_base]), version)
+        return cached[:2]
+
+    def _int8_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._quantized("int8")
 
     def _int4_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The base rows as packed int4 codes with per-group scales and offsets, kept like `_int8_rows`."""
-        w = self._weight
-        if torch.compiler.is_compiling():
-            return self._int4[0], self._int4[1]
-        version = None if w.is_inference() else w._version
-        if self._int4 is None or self._int4[2] != version:
-            with torch.inference_mode(w.is_inference()), torch.no_grad():
-                self._int4 = (*quantize_int4(w[:self._n_base]), version)
-        return self._int4[0], self._int4[1]
+        return self._quantized("int4")
 
     def _product(self, x: torch.Tensor, rows: slice, quant: str | None) -> torch.Tensor:
         if quant is None:

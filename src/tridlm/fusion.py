@@ -16,6 +16,10 @@ scale and an offset per group of 32 inputs (asymmetric, like GGUF's Q4_1, from w
 weights come, so those are held almost exactly) for torch's int4 weight-only kernel; the drafter's A rows
 stay in bf16 (a few rows, a separate small product).
 
+Narrow forwards can instead take tridlm's own products (`tridlm.native`: bf16 weights, or the same int8
+codes and per-row scales), on a packed copy of the fused rows made once; TriModeLM.set_weight_format
+measures where they win on the machine at hand.
+
 The layout is checked before each use (the members' storage pointers) and rebuilt when something
 replaced a parameter -- `.to(dtype)`, `load_state_dict(assign=True)`, `deepcopy`, attaching a drafter
 -- so the members always read and write the fused storage. Training (grad mode) uses the members
@@ -92,6 +96,7 @@ class FusedProjections:
         self._n_base, self._splits, self._scaling = 0, [], 1.0
         self._int8: tuple | None = None  # (int8 rows, per-row scales, the float weight's version)
         self._int4: tuple | None = None  # (packed base rows, scales and offsets, the float weight's version)
+        self._native: dict = {}  # {format: (packed rows, fp32 scales or None, the float weight's version)}
 
     def members(self) -> list:
         return [getattr(self.owner, n) for n in self.names]
@@ -130,6 +135,7 @@ class FusedProjections:
             p.data = weight[start:start + n]
             start += n
         self._weight, self._block_b, self._gate_src, self._int8, self._int4 = weight, None, None, None, None
+        self._native = {}
         if lora:
             scalings = {m.scaling for m in lora}
             if len(scalings) != 1:
@@ -149,21 +155,52 @@ class FusedProjections:
     def _quantized(self, fmt: str) -> tuple:
         """The fused weight in `fmt`, made once and kept while the float weight is unchanged (an in-place
         change bumps its version): int8, every row with one symmetric scale; int4, the base rows packed
-        with per-group scales and offsets (quantize_int4)."""
+        with per-group scales and offsets (quantize_int4); "native-bf16" / "native-int8", the bf16 rows
+        or their int8 codes in tridlm.native's packed layout, with fp32 scales for int8."""
         w = self._weight
-        cached = self._int8 if fmt == "int8" else self._int4
+        cached = self._int8 if fmt == "int8" else self._int4 if fmt == "int4" else self._native.get(fmt)
         if torch.compiler.is_compiling():
             return cached[:2]
+        if fmt == "native-b":
+            w = self._block_b
         version = None if w.is_inference() else w._version  # inference tensors cannot change outside it
-        if cached is None or cached[2] != version:
+        if cached is None or cached[-1] != version:
             with torch.inference_mode(w.is_inference()), torch.no_grad():
                 if fmt == "int8":
                     scales = (w.abs().amax(1).float() / 127).clamp(min=1e-12)
                     q = (w.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
                     cached = self._int8 = (q, scales.to(w.dtype), version)
-                else:
+                elif fmt == "int4":
                     cached = self._int4 = (*quantize_int4(w[:self._n_base]), version)
+                else:
+                    from . import native
+
+                    if fmt == "native-int8":
+                        q, scales = self._quantized("int8")
+                        pad = scales.new_zeros(native.padded(len(scales)) - len(scales), dtype=torch.float32)
+                        cached = (native.pack(q), torch.cat([scales.float(), pad]), version)
+                    elif fmt == "native-b":  # the drafter's B blocks (their values live in _block_b)
+                        cached = (native.pack(self._block_b), None, version)
+                    else:
+                        cached = (native.pack(w), None, version)
+                    self._native[fmt] = cached
         return cached[:2]
+
+    def native_fits(self) -> bool:
+        """Whether tridlm.native's packed layout holds these rows (and the base/drafter split)."""
+        from . import native
+
+        self._ensure()
+        b = self._block_b  # the base rows end on a tile: the drafter's rows start a packed tile of their own
+        return (self._n_base % native.TILE_ROWS == 0 and native.fits(self._weight.shape[1])
+                and (b is None or native.fits(b.shape[1])))
+
+    def _drafter_product(self, xa: torch.Tensor, native: bool) -> torch.Tensor:
+        """x @ A.T through the B blocks."""
+        if not native:
+            return F.linear(xa, self._block_b)
+        packed, _ = self._quantized("native-b")
+        return torch.ops.tridlm.gemm_bf16(xa.reshape(-1, xa.shape[-1]), packed).view(*xa.shape[:-1], -1)
 
     def _int8_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._quantized("int8")
@@ -171,10 +208,18 @@ class FusedProjections:
     def _int4_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._quantized("int4")
 
-    def _product(self, x: torch.Tensor, rows: slice, quant: str | None) -> torch.Tensor:
+    def _product(self, x: torch.Tensor, rows: slice, quant: str | None, native: bool = False) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if native and quant in (None, "int8"):  # tridlm's products; the base rows end on a tile (native_fits)
+            packed, scales = self._quantized("native-int8" if quant else "native-bf16")
+            start, stop = rows.start or 0, self._weight.shape[0] if rows.stop is None else rows.stop
+            t0, t1 = start // packed.shape[2], -(-stop // packed.shape[2])  # the last tile may be padded
+            tiles = packed[t0:t1]
+            out = (torch.ops.tridlm.gemm_int8(flat, tiles, scales[t0 * packed.shape[2]:t1 * packed.shape[2]])
+                   if quant else torch.ops.tridlm.gemm_bf16(flat, tiles))
+            return out[:, :stop - start].view(*x.shape[:-1], -1)
         if quant is None:
             return F.linear(x, self._weight[rows])
-        flat = x.reshape(-1, x.shape[-1])
         if quant == "int4":
             if rows.start:  # the drafter's A rows only: kept in bf16
                 return F.linear(x, self._weight[rows])
@@ -187,28 +232,33 @@ class FusedProjections:
         flat = torch.ops.aten._weight_int8pack_mm(flat, q[rows], scales[rows])
         return flat.view(*x.shape[:-1], -1)
 
-    def prepare(self, quant: str | None) -> None:
+    def prepare(self, quant: str | None, native: bool = False) -> None:
         """Lay out (and quantize) now, e.g. before a compiled graph captures the tensors."""
         self._ensure()
         if quant == "int8":
             self._int8_rows()
         elif quant == "int4":
             self._int4_rows()
+        if native and quant in (None, "int8"):
+            self._quantized("native-int8" if quant else "native-bf16")
+            if self._block_b is not None:
+                self._quantized("native-b")
 
-    def __call__(self, x: torch.Tensor, quant: str | None = None) -> list[torch.Tensor]:
-        """The members' outputs for input x; quant "int8" / "int4": weight-only products (bf16 activations)."""
+    def __call__(self, x: torch.Tensor, quant: str | None = None, native: bool = False) -> list[torch.Tensor]:
+        """The members' outputs for input x; quant "int8" / "int4": weight-only products (bf16 activations);
+        native: through tridlm.native's products (bf16 or int8 weights; the caller checked native_fits)."""
         if not torch.compiler.is_compiling():  # a compiled graph captured the prepared layout
             self._ensure()
         gate = self._gate_src.value if self._gate_src is not None else None
         base = slice(0, self._n_base)
         if gate is None:  # no draft token: the base rows only, exactly the base model's products
-            y = self._product(x, base, quant)
+            y = self._product(x, base, quant, native)
         elif isinstance(gate, str):  # every token a draft: base outputs and x @ A.T from one product
-            both = self._product(x, slice(None), quant)
+            both = self._product(x, slice(None), quant, native)
             y, xa = both[..., :self._n_base], both[..., self._n_base:]
-            y = y + F.linear(xa, self._block_b) * self._scaling
+            y = y + self._drafter_product(xa, native and quant in (None, "int8")) * self._scaling
         else:  # drafts among base tokens: the base tokens keep the base model's exact products
-            y = self._product(x, base, quant)
-            xa = self._product(x, slice(self._n_base, None), quant)
-            y = y + F.linear(xa, self._block_b) * self._scaling * gate
+            y = self._product(x, base, quant, native)
+            xa = self._product(x, slice(self._n_base, None), quant, native)
+            y = y + self._drafter_product(xa, native and quant in (None, "int8")) * self._scaling * gate
         return list(y.split(self._splits, dim=-1)) if len(self._splits) > 1 else [y]

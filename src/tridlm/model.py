@@ -96,7 +96,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, q_scale, layer: int, ctx: _AttnContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x, ctx.quant) if ctx.fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q, k, v = self.qkv(x, ctx.quant, ctx.native) if ctx.fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -111,7 +111,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask,
                                                  enable_gqa=self.n_kv != self.n_heads)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.out(out, ctx.quant)[0] if ctx.fused else self.o_proj(out)
+        return self.out(out, ctx.quant, ctx.native)[0] if ctx.fused else self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -123,10 +123,11 @@ class MLP(nn.Module):
         self.gate_up = FusedProjections(self, ("gate_proj", "up_proj"))
         self.down = FusedProjections(self, ("down_proj",))
 
-    def forward(self, x: torch.Tensor, fused: bool = False, quant: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False, quant: str | None = None,
+                native: bool = False) -> torch.Tensor:
         if fused:
-            gate, up = self.gate_up(x, quant)
-            return self.down(F.silu(gate) * up, quant)[0]
+            gate, up = self.gate_up(x, quant, native)
+            return self.down(F.silu(gate) * up, quant, native)[0]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -140,7 +141,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, q_scale, layer: int, ctx: _AttnContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, q_scale, layer, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx.fused, ctx.quant)
+        return x + self.mlp(self.post_attention_layernorm(x), ctx.fused, ctx.quant, ctx.native)
 
 
 class Encoder(nn.Module):
@@ -168,6 +169,7 @@ class _AttnContext:
         self.key_len = 0
         self.fused = False  # fused projections (tridlm.fusion): at inference, not when gradients flow
         self.quant = None  # "int8" / "int4": weight-only products (TriModeLM.weight_format)
+        self.native = False  # tridlm.native's products (TriModeLM.native_max_tokens)
         self.static = False  # fixed-shape layout of a compiled decode graph (TriModeLM.compile_decode)
         # static: `mask` is among the new tokens only, [B, 1, T, T]; the cache's visible slots are
         # `cache_bias` (0 / -inf, [B, 1, 1, S]); each layer's new keys/values are kept in `new_kv`
@@ -230,6 +232,8 @@ class TriModeLM(nn.Module):
         self.fuse_projections = True  # tridlm.fusion at inference; the trainer turns it off
         self.weight_format = "float"  # or "int8" / "int4": see set_weight_format
         self.quant_max_tokens = 0  # quantized products for forwards of at most this many tokens (batch x tokens)
+        self.native_max_tokens = 0  # tridlm.native's products for forwards of at most this many tokens
+        self.native_unavailable: str | None = "not chosen (set_weight_format chooses)"
         self.head = FusedProjections(self, ("diffusion_head",))
         self._compiled, self._compiled_tokens = None, ()  # compile_decode's graphs and the widths they serve
         self._compiled_for: tuple = ()  # the _graph_state they were compiled in
@@ -332,6 +336,7 @@ class TriModeLM(nn.Module):
         ctx.fused = self.fuse_projections and not torch.is_grad_enabled()
         if ctx.fused and self.weight_format in fusion.QUANTIZED and B * T <= self.quant_max_tokens:
             ctx.quant = self.weight_format
+        ctx.native = ctx.fused and B * T <= self.native_max_tokens and self._native_format_holds(ctx.quant)
         if self._draft_gate is not None:
             self._draft_gate.value = gate
         try:
@@ -345,7 +350,7 @@ class TriModeLM(nn.Module):
         x = self.encoder.norm(x)
         if logits_at is not None:
             x = torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
-        out = x if return_hidden else self.head(x, ctx.quant)[0] if ctx.fused else self.diffusion_head(x)
+        out = x if return_hidden else self.head(x, ctx.quant, ctx.native)[0] if ctx.fused else self.diffusion_head(x)
         if ctx.static:  # the new keys/values, [layers, B, H, T, D], for the caller to store
             return out, torch.stack([k for k, _ in ctx.new_kv]), torch.stack([v for _, v in ctx.new_kv])
         return out
@@ -414,13 +419,19 @@ class TriModeLM(nn.Module):
         ctx.key_len = key_len
         return ctx
 
-    def set_weight_format(self, fmt: str, max_tokens: int | None = None) -> TriModeLM:
+    def set_weight_format(self, fmt: str, max_tokens: int | None = None,
+                          native_max_tokens: int | None = None) -> TriModeLM:
         """"int8": inference products read int8 weights with one scale per output row (weight-only, A16W8:
         activations stay bf16); "int4": 4-bit codes with a scale and an offset per group of 32 inputs
         (A16W4, like GGUF's Q4_1). Quantized once from the bf16 weights, which stay the parameters
         (training, saving and gradients use them). Needs a bf16 model; "float" goes back. Opt-in: it
         changes outputs. Forwards wider than `max_tokens` (batch x tokens; default: measured on this
-        machine, see tridlm.kernels) use the bf16 weights, faster there: prefills, typically."""
+        machine, see tridlm.kernels) use the bf16 weights, faster there: prefills, typically.
+
+        Forwards of at most `native_max_tokens` tokens take tridlm's own products (tridlm.native) for bf16
+        weights ("float" on a bf16 model) and int8 ones; default: measured here, 0 where they cannot run
+        (`native_unavailable` says why); 0 turns them off. They form the same products as torch's, summed
+        in another order: results agree within the documented tolerance (README, What is exact)."""
         if fmt not in ("float", *fusion.QUANTIZED):
             raise ValueError(f"unknown weight format {fmt!r}; use 'float', 'int8' or 'int4'")
         if fmt in fusion.QUANTIZED:
@@ -439,7 +450,37 @@ class TriModeLM(nn.Module):
 
                 max_tokens = quant_max_tokens(self, fmt)
         self.weight_format, self.quant_max_tokens = fmt, max_tokens or 0
+        self.native_max_tokens, self.native_unavailable = 0, self._native_misfit()
+        if native_max_tokens and self.native_unavailable:
+            raise ValueError(f"tridlm's own products cannot run here: {self.native_unavailable}; "
+                             "pass native_max_tokens=0 (torch's products)")
+        if native_max_tokens is None and not self.native_unavailable:
+            from .kernels import native_max_tokens as measured
+
+            native_max_tokens = measured(self, fmt)
+        if fmt == "int8":  # wider int8 forwards take bf16 weights, which these products were not measured for
+            native_max_tokens = min(native_max_tokens or 0, self.quant_max_tokens)
+        self.native_max_tokens = 0 if self.native_unavailable else native_max_tokens or 0
         return self
+
+    def _native_misfit(self) -> str | None:
+        """Why tridlm.native's products cannot serve this model's current format, or None."""
+        from . import native
+
+        if self.weight_format not in ("float", "int8") or self.dtype != torch.bfloat16:
+            return f"they take bf16 or int8 weights with bf16 activations, not {self.weight_format} {self.dtype}"
+        if self.device.type != "cpu":
+            return f"they run on CPUs, not {self.device}"
+        if not all(g.native_fits() for g in self._fused_groups()):
+            return (f"the model's projections need outputs in multiples of {native.TILE_ROWS} and an even number "
+                    "of inputs")
+        return native.unavailable()
+
+    def _native_format_holds(self, quant: str | None) -> bool:
+        """Whether a forward with these products is one tridlm.native's range was measured for."""
+        if self.dtype != torch.bfloat16:  # moved to another dtype since: torch's products
+            return False
+        return quant == "int8" if self.weight_format == "int8" else quant is None and self.weight_format == "float"
 
     def compile_decode(self, tokens=(1,), mode: str = "max-autotune-no-cudagraphs") -> TriModeLM:
         """Run batch-1 decode forwards of `tokens` new tokens (1: AR; a block length L: self-speculation's
@@ -462,7 +503,8 @@ class TriModeLM(nn.Module):
         inductor_config.freezing = True  # weights as constants: what lets Inductor pick its packed GEMMs
         with torch.no_grad():
             for group in self._fused_groups():
-                group.prepare(self.weight_format if self.weight_format in fusion.QUANTIZED else None)
+                quant = self.weight_format if self.weight_format in fusion.QUANTIZED else None
+                group.prepare(quant, native=self.native_max_tokens > 0)
         torch._dynamo.reset()
         # the weights are frozen into the graphs anyway: guarding the modules would only cost time per call
         options = {**torch._inductor.list_mode_options(mode),
@@ -473,7 +515,7 @@ class TriModeLM(nn.Module):
 
     def _graph_state(self) -> tuple:
         """What compiled graphs bake in besides the weights' values."""
-        return (str(self.device), self.dtype, self.weight_format, self.quant_max_tokens,
+        return (str(self.device), self.dtype, self.weight_format, self.quant_max_tokens, self.native_max_tokens,
                 self.draft_adapter is not None, self.fuse_projections)
 
     def _fused_groups(self) -> list[FusedProjections]:

@@ -61,7 +61,8 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=("eager", "compiled"), default="eager",
                    help="compiled: decode steps and --block-length blocks as Inductor graphs with frozen weights "
                    "(one to three minutes of compiling per shape on first use, cached on disk; measured on a "
-                   "2-core AMD EPYC: AR 2.1x eager in fp32, 1.4x in bf16, 1.8x in int8)")
+                   "2-core AMD EPYC: AR 2.1x eager in fp32, 1.4x in bf16, 1.8x in int8). bf16 and int8 narrow "
+                   "forwards take tridlm's own CPU products where measured faster (TRIDLM_NATIVE=0: torch's only)")
 
 
 def add_parser(subparsers) -> None:
@@ -109,6 +110,8 @@ def prepared(model, args, block_length=None):
         model = model.to(torch.bfloat16).set_weight_format(args.dtype)
     elif args.dtype:
         model = model.to(getattr(torch, args.dtype))
+    if model.dtype == torch.bfloat16 and model.weight_format == "float" and model.device.type == "cpu":
+        model.set_weight_format("float")  # measures where tridlm's own bf16 products win here
     if args.kernels == "compiled":
         mode = getattr(args, "mode", None)
         if mode == "ar" or not isinstance(block_length, int):

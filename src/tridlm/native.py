@@ -1,0 +1,126 @@
+"""tridlm's own CPU matrix products for narrow forwards (`csrc/small_gemm.cpp`): bf16 weights and int8
+weight-only, bf16 activations, fp32 sums. Built once per machine with the system C++ compiler against
+the installed torch (a few seconds), kept under `tridlm.machine.cache_root()/native/`, and loaded as the
+torch ops `torch.ops.tridlm.gemm_bf16` and `gemm_int8`, which torch.compile graphs call like any op.
+They need AVX-512 with BF16 dot products (AMD Zen 4, Intel Sapphire Rapids and later); where that, a
+compiler or the build is missing, `unavailable()` says why and tridlm keeps torch's products.
+`TRIDLM_NATIVE=0` turns them off.
+
+Weights are packed as [N/32, K/2, 32, 2]: tiles of 32 output rows, their inputs in pairs (`pack`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "small_gemm.cpp"
+TILE_ROWS, TILE_COLS = 32, 2  # the packed layout's tile: output rows x inputs
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+ARCH = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
+
+_reason: str | None = None  # why they are unavailable; "" once loaded
+_tried = False
+
+
+def unavailable() -> str | None:
+    """Why tridlm's products cannot run in this process, or None when they are loaded (built on first call)."""
+    global _reason, _tried
+    if not _tried:
+        _tried = True
+        try:
+            _reason = _load()
+        except Exception as e:  # a failed build or load leaves torch's products, never a broken model
+            _reason = f"loading {SOURCE.name} failed: {e}"
+    return _reason or None
+
+
+def fits(inputs: int) -> bool:
+    """Whether a product with this many inputs has the packed layout's shape (outputs are padded)."""
+    return inputs % TILE_COLS == 0
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] weights (bf16 values or int8 codes) in the kernels' layout [ceil(N/32), K/2, 32, 2], the rows
+    past N zero (their outputs are cut off by the caller)."""
+    n, k = w.shape
+    if not fits(k):
+        raise ValueError(f"a packed product needs an even number of inputs, got {k}")
+    w = torch.cat([w, w.new_zeros(-n % TILE_ROWS, k)]) if n % TILE_ROWS else w
+    return w.reshape(-1, TILE_ROWS, k // TILE_COLS, TILE_COLS).transpose(1, 2).contiguous()
+
+
+def padded(n: int) -> int:
+    """Rows of a packed [n, K] weight."""
+    return n + (-n % TILE_ROWS)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _library_path(cxx: str) -> Path:
+    from .machine import cache_root
+
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((torch.__version__, version, ARCH)).encode()).hexdigest()
+    return cache_root() / "native" / f"small_gemm-{key[:16]}.so"
+
+
+def _build(cxx: str, out: Path) -> None:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    libs = library_paths()
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", *ARCH,
+           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+           *[f"-I{p}" for p in include_paths()], str(SOURCE), "-o", str(tmp),
+           *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu"]
+    print(f"building tridlm's CPU products ({SOURCE.name}, once per machine) ...", file=sys.stderr)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{cxx} exited with {done.returncode}: {done.stderr.strip()[-2000:]}")
+    tmp.replace(out)  # atomic: a concurrent process sees the whole library or none
+
+
+def _load() -> str:
+    if os.environ.get("TRIDLM_NATIVE", "1") == "0":
+        return "turned off by TRIDLM_NATIVE=0"
+    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    cxx = _compiler()
+    if cxx is None:
+        return "no C++ compiler found (install g++ or set CXX)"
+    path = _library_path(cxx)
+    if not path.exists():
+        _build(cxx, path)
+    torch.ops.load_library(str(path))
+
+    @torch.library.register_fake("tridlm::gemm_bf16")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0] * TILE_ROWS)
+
+    @torch.library.register_fake("tridlm::gemm_int8")
+    def _(x, w, scale):
+        return x.new_empty(x.shape[0], w.shape[0] * TILE_ROWS)
+
+    return ""

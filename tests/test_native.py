@@ -1,0 +1,140 @@
+"""tridlm's own CPU products (tridlm.native): their sums against exact ones, row independence, the model
+through them against torch's products, and the fallback where they cannot run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_logits_agree, random_model
+
+from tridlm import lora, native
+from tridlm.fusion import FusedProjections
+
+REASON = native.unavailable()
+needs_native = pytest.mark.skipif(REASON is not None, reason=f"tridlm.native unavailable here: {REASON}")
+
+
+def bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Worst-case error of one bf16 output of fp32 sums over K products (exact in fp32: bf16 x bf16 has
+    16 significant bits): K fp32 roundings of partial sums (gamma_K <= 1.01 K u32 for K u32 < 0.01), each
+    at most the sum of |products|, then the output's rounding to bf16 (half an ulp, u16 relative)."""
+    k = x.shape[1]
+    mag = x.double().abs() @ w.double().abs().T
+    exact = (x.double() @ w.double().T).abs()
+    return 1.01 * k * 2.0**-24 * mag + 2.0**-8 * (exact + 1.01 * k * 2.0**-24 * mag) + 1e-30
+
+
+def cases():
+    gen = torch.Generator().manual_seed(0)
+    for m, n, k in ((1, 64, 32), (3, 96, 576), (8, 40, 64), (11, 32, 1536), (20, 70, 96)):
+        yield (torch.randn(m, k, generator=gen).bfloat16(), torch.randn(n, k, generator=gen).bfloat16() * 0.05)
+
+
+@needs_native
+def test_bf16_products_are_the_exact_sums_to_rounding():
+    for x, w in cases():
+        got = torch.ops.tridlm.gemm_bf16(x, native.pack(w))[:, :w.shape[0]].double()
+        exact = x.double() @ w.double().T
+        assert bool(((got - exact).abs() <= bound(x, w)).all())
+
+
+@needs_native
+def test_int8_products_scale_the_code_sums():
+    gen = torch.Generator().manual_seed(1)
+    for x, w in cases():
+        q = torch.randint(-127, 128, w.shape, generator=gen, dtype=torch.int8)
+        scale = torch.rand(w.shape[0], generator=gen) * 0.01
+        pad = torch.zeros(native.padded(len(scale)) - len(scale))
+        got = torch.ops.tridlm.gemm_int8(x, native.pack(q), torch.cat([scale, pad]))[:, :w.shape[0]].double()
+        codes = q.to(torch.bfloat16)  # exact: |code| <= 127
+        exact = (x.double() @ codes.double().T) * scale.double()
+        # the scale multiplies the fp32 sum once more (one more u32 rounding) before the bf16 output
+        assert bool(((got - exact).abs() <= bound(x, codes) * scale.double() * 1.0001 + 2.0**-24 * exact.abs()).all())
+
+
+@needs_native
+def test_a_row_does_not_depend_on_the_rows_beside_it():
+    """Each output is summed in one order whatever M is: a verify block's products are AR's bit for bit."""
+    gen = torch.Generator().manual_seed(2)
+    w = native.pack(torch.randn(96, 128, generator=gen).bfloat16())
+    wide = torch.randn(20, 200, generator=gen).bfloat16()
+    x = wide[:, 40:168]  # rows of a wider tensor: read in place
+    every = torch.ops.tridlm.gemm_bf16(x, w)
+    assert torch.equal(every, torch.ops.tridlm.gemm_bf16(x.contiguous(), w))
+    for i in range(20):
+        assert torch.equal(torch.ops.tridlm.gemm_bf16(x[i:i + 1], w)[0], every[i])
+        assert torch.equal(torch.ops.tridlm.gemm_bf16(x[:i + 1], w), every[:i + 1])
+
+
+def drafted_bf16(seed: int):
+    m = random_model(seed)
+    lora.attach(m, rank=6, alpha=12)  # 18 q/k/v drafter rows: a padded tile
+    with torch.no_grad():
+        for p in lora.lora_parameters(m).values():
+            p.normal_(0, 0.2)
+    return m.to(torch.bfloat16)
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["float", "int8"])
+@pytest.mark.parametrize("with_drafter", [False, True])
+def test_the_model_through_native_products_agrees_with_torchs(fmt, with_drafter, monkeypatch):
+    asked = []  # the packed weights a forward asks for: shows which products ran
+    quantized = FusedProjections._quantized
+    monkeypatch.setattr(FusedProjections, "_quantized", lambda self, f: asked.append(f) or quantized(self, f))
+    m = drafted_bf16(3) if with_drafter else random_model(3).to(torch.bfloat16)
+    ids = torch.randint(4, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        m.set_weight_format(fmt, max_tokens=64, native_max_tokens=0)
+        want = {p: m(ids, pattern=p) for p in ("causal", "block")}
+        m.set_weight_format(fmt, max_tokens=64, native_max_tokens=64)
+        assert m.native_max_tokens == 64 and m.native_unavailable is None
+        for pattern, ref in want.items():
+            asked.clear()
+            assert_logits_agree(m, m(ids, pattern=pattern), ref)
+            assert ("native-int8" if fmt == "int8" else "native-bf16") in asked
+            assert ("native-b" in asked) == (with_drafter and pattern == "block")
+        gate = torch.zeros(2, 9, dtype=torch.bool)
+        gate[:, 5:] = True  # drafts among base tokens (quadratic self-speculation's layout)
+        m.set_weight_format(fmt, max_tokens=64, native_max_tokens=0)
+        ref = m(ids, pattern="causal", draft=gate) if with_drafter else None
+        if ref is not None:
+            m.set_weight_format(fmt, max_tokens=64, native_max_tokens=64)
+            assert_logits_agree(m, m(ids, pattern="causal", draft=gate), ref)
+
+
+def test_the_native_range_falls_back_to_torch_where_the_products_cannot_run(monkeypatch):
+    monkeypatch.setattr(native, "unavailable", lambda: "this CPU lacks avx512_bf16")
+    m = random_model(4).to(torch.bfloat16).set_weight_format("float")
+    assert m.native_max_tokens == 0 and m.native_unavailable == "this CPU lacks avx512_bf16"
+    with torch.no_grad():
+        m(torch.randint(4, 64, (1, 5)))  # torch's products
+    with pytest.raises(ValueError, match="cannot run here: this CPU lacks avx512_bf16.*native_max_tokens=0"):
+        m.set_weight_format("float", native_max_tokens=8)
+    monkeypatch.undo()
+    fp32 = random_model(4).set_weight_format("float")
+    assert fp32.native_max_tokens == 0 and "not float torch.float32" in fp32.native_unavailable
+    odd = random_model(4, hidden_size=36, num_attention_heads=4).to(torch.bfloat16).set_weight_format("float")
+    assert odd.native_max_tokens == 0 and "multiples of 32" in odd.native_unavailable
+
+
+def test_a_failed_build_leaves_torchs_products(monkeypatch):
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_reason", None)
+    monkeypatch.setattr(native, "_compiler", lambda: "/nonexistent/g++")
+    monkeypatch.setattr(native, "_library_path", lambda cxx: native.Path("/nonexistent/lib.so"))
+    monkeypatch.setattr(native, "_cpu_flags", lambda: set(native.CPU_FLAGS))
+    monkeypatch.delenv("TRIDLM_NATIVE", raising=False)
+    assert "failed" in native.unavailable()
+
+
+@needs_native
+def test_the_native_range_is_measured_against_torchs_products_in_the_same_format():
+    from tridlm import kernels
+
+    m = random_model(5).to(torch.bfloat16)
+    for fmt in ("float", "int8"):
+        if fmt == "int8":
+            m.set_weight_format("int8", max_tokens=64, native_max_tokens=0)
+        got = kernels.measure_widths(m, fmt, widths=(1, 8), repeats=1, native=True)
+        assert sorted(got) == [1, 8] and all(a > 0 and b > 0 for a, b in got.values())

@@ -176,3 +176,10 @@ def test_compiled_rows_are_rated_against_compiled_ar(tiny, tmp_path, monkeypatch
     assert res["ar b=1 fp32"]["warmup_s"] is None  # eager rows compile nothing
     assert spec["quality"]["identical_to_ar"] == 2  # the compiled layout keeps greedy self-speculation lossless
     assert "Untimed warm-up of each compiled configuration" in (tmp_path / "out" / "bench.md").read_text()
+
+
+def test_the_bench_refuses_unknown_dtypes_and_modes_before_any_work():
+    with pytest.raises(ValueError, match="unknown --dtypes bfloat16: choose from fp32, bf16, int8, int4"):
+        BenchSettings(dtypes=("bfloat16",))
+    with pytest.raises(ValueError, match="unknown --modes fast: choose from ar"):
+        BenchSettings(modes=("ar", "fast"))

@@ -138,3 +138,4 @@ def test_the_native_range_is_measured_against_torchs_products_in_the_same_format
             m.set_weight_format("int8", max_tokens=64, native_max_tokens=0)
         got = kernels.measure_widths(m, fmt, widths=(1, 8), repeats=1, native=True)
         assert sorted(got) == [1, 8] and all(a > 0 and b > 0 for a, b in got.values())
+

@@ -15,7 +15,7 @@ from .fusion import int4_available, int8_available
 # CPU flags that change which kernels run (and so speed and the last bits of fp32 results)
 KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE", "ATEN_CPU_CAPABILITY", "TRIDLM_CACHE",
-            "XDG_CACHE_HOME", "TRIDLM_TEST_THREADS")
+            "XDG_CACHE_HOME", "TRIDLM_TEST_THREADS", "TRIDLM_NATIVE", "CXX")
 
 
 def cache_root() -> Path:
@@ -101,12 +101,21 @@ def environment_report() -> dict:
         "kernels": "eager PyTorch (ATen CPU kernels at the ISA above); q/k/v and gate/up fused at inference",
         "int8_weight_only": int8_available(device),
         "int4_weight_only": int4_available(device),
+        "tridlm_products": _native_state(),
         "cache": str(root),
         "cache_bytes": _folder_size(root) if root.is_dir() else 0,
         "cache_entries": entries,
         "environment": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
     }
     return report
+
+
+def _native_state() -> str:
+    """tridlm.native's products: whether they load here (building them once if needed), or why not."""
+    from . import native
+
+    reason = native.unavailable()
+    return f"unavailable: {reason}" if reason else "available (bf16 and int8 weights, narrow forwards)"
 
 
 def _version() -> str:

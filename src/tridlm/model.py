@@ -429,8 +429,10 @@ class TriModeLM(nn.Module):
         machine, see tridlm.kernels) use the bf16 weights, faster there: prefills, typically.
 
         Forwards of at most `native_max_tokens` tokens take tridlm's own products (tridlm.native) for bf16
-        weights ("float" on a bf16 model) and int8 ones; default: measured here, 0 where they cannot run
-        (`native_unavailable` says why); 0 turns them off. They form the same products as torch's, summed
+        weights ("float" on a bf16 model) and int8 ones; default: measured here for bf16 weights, 0 where
+        they cannot run (`native_unavailable` says why), and 0 for int8, where torch's int8 kernel as
+        Inductor compiles it beat them on draft and verify blocks (BENCHMARKS.md) -- an eager timing cannot
+        see that; pass a width to use them. 0 turns them off. They form the same products as torch's, summed
         in another order: results agree within the documented tolerance (README, What is exact)."""
         if fmt not in ("float", *fusion.QUANTIZED):
             raise ValueError(f"unknown weight format {fmt!r}; use 'float', 'int8' or 'int4'")
@@ -454,6 +456,8 @@ class TriModeLM(nn.Module):
         if native_max_tokens and self.native_unavailable:
             raise ValueError(f"tridlm's own products cannot run here: {self.native_unavailable}; "
                              "pass native_max_tokens=0 (torch's products)")
+        if native_max_tokens is None and fmt == "int8":
+            native_max_tokens = 0  # see the docstring: measured slower than compiled torch int8 at 8 tokens
         if native_max_tokens is None and not self.native_unavailable:
             from .kernels import native_max_tokens as measured
 

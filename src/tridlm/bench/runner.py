@@ -82,6 +82,15 @@ class BenchSettings:
     rss: bool = True  # peak RSS of a `tridlm generate` subprocess (needs a model folder)
     quick: bool = False
 
+    def __post_init__(self):  # refused before any work starts
+        unknown = [d for d in self.dtypes if d not in DTYPES]
+        if unknown or not self.dtypes:
+            raise ValueError(f"unknown --dtypes {', '.join(unknown) or '(none)'}: choose from {', '.join(DTYPES)}")
+        modes = ("ar", "diffusion", "spec", "spec-quadratic")
+        unknown = [m for m in self.modes if m not in modes]
+        if unknown:
+            raise ValueError(f"unknown --modes {', '.join(unknown)}: choose from {', '.join(modes)}")
+
     @classmethod
     def quick_settings(cls, **kw) -> BenchSettings:
         """A run of a few minutes: few prompts, short outputs, the sweeps' end points."""

@@ -233,6 +233,9 @@ def test_int8_is_refused_with_the_fix_when_it_cannot_run(monkeypatch):
         random_model(8).set_weight_format("int3")
     with pytest.raises(ValueError, match=r"do not fit.*hidden_size 48 \(inputs: a multiple of 32\).*use int8"):
         random_model(8, hidden_size=48, num_attention_heads=4).to(torch.bfloat16).set_weight_format("int4")
+    misfit = r"int8 weights do not fit.*hidden_size 36 \(inputs: a multiple of 16\).*use bfloat16"
+    with pytest.raises(ValueError, match=misfit):
+        random_model(8, hidden_size=36, num_attention_heads=4).to(torch.bfloat16).set_weight_format("int8")
     monkeypatch.setattr(fusion, "int8_available", lambda device: False)
     monkeypatch.setattr(fusion, "int4_available", lambda device: False)
     for fmt in ("int8", "int4"):

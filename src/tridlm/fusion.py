@@ -50,6 +50,18 @@ def int4_available(device) -> bool:
 
 
 
+INT8_INPUTS = 16  # torch's int8 weight-only CPU kernel crashes (SIGSEGV) on other input counts
+
+
+def int8_misfit(config) -> str | None:
+    """Why the model's products cannot take torch's int8 weight-only kernel (inputs a multiple of 16), or None."""
+    c = config
+    inputs = {"hidden_size": c.hidden_size, "heads x head_dim": c.num_attention_heads * c.head_dim,
+              "intermediate_size": c.intermediate_size}
+    bad = [f"{k} {v} (inputs: a multiple of {INT8_INPUTS})" for k, v in inputs.items() if v % INT8_INPUTS]
+    return "; ".join(bad) or None
+
+
 def int4_misfit(config) -> str | None:
     """Why the model's products cannot take int4 weights (inputs a multiple of 32, outputs of 16), or None."""
     c = config

@@ -444,9 +444,10 @@ class TriModeLM(nn.Module):
             if not available(self.device):
                 raise ValueError(f"{fmt} weight-only products are not available on {self.device} in torch "
                                  f"{torch.__version__}; use bfloat16 there")
-            misfit = fusion.int4_misfit(self.config) if fmt == "int4" else None
+            misfit = (fusion.int4_misfit if fmt == "int4" else fusion.int8_misfit)(self.config)
             if misfit:
-                raise ValueError(f"int4 weights do not fit this model's shapes: {misfit}; use int8")
+                fix = "use int8" if fmt == "int4" else "use bfloat16"
+                raise ValueError(f"{fmt} weights do not fit this model's shapes: {misfit}; {fix}")
             if max_tokens is None:
                 from .kernels import quant_max_tokens
 

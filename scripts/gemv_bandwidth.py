@@ -6,7 +6,8 @@ at batch 1 is made of) against plain memory reads, in GB/s of weights read.
 Rows: one large matrix (the best case for the BLAS), SmolLM2-135M's own projection shapes (30 layers x
 q, k, v, o, gate, up, down, as `F.linear` calls in the order a forward makes them), the same layers
 with q/k/v and gate/up fused into one matrix each (also as int8 weight-only products with bf16
-activations, as `--dtype int8` runs them), and a read-only reduction over the same bytes. --compiled
+activations, as `--dtype int8` runs them), the fused layers through tridlm's own products
+(tridlm.native, at 1 and 8 tokens), and a read-only reduction over the same bytes. --compiled
 adds the fused layers as one Inductor graph (max-autotune, frozen weights; tens of seconds to compile
 per dtype). Data are random (never zeros), every figure is a median of repeats; GB/s counts the bytes
 of the weights in the format read.
@@ -72,6 +73,26 @@ def compiled_rate(shapes, dtype, repeats: int) -> tuple[float, float]:
     return sum(o * i * torch.finfo(dtype).bits // 8 for o, i in shapes) / t / 1e9, compile_s
 
 
+def native_rate(shapes, repeats: int, tokens: int = 1, int8: bool = False) -> float:
+    """tridlm's own products (tridlm.native) on the same shapes, at `tokens` rows of x."""
+    from tridlm import native
+
+    mats = []
+    for o, i in shapes:
+        w = torch.randn(o, i)
+        if int8:
+            scales = w.abs().amax(1) / 127
+            mats.append((native.pack((w / scales[:, None]).round().to(torch.int8)), scales, i))
+        else:
+            mats.append((native.pack(w.bfloat16()), None, i))
+    xs = {i: torch.randn(tokens, i, dtype=torch.bfloat16) for _, i in shapes}
+    if int8:
+        t = timed(lambda: [torch.ops.tridlm.gemm_int8(xs[i], p, s) for p, s, i in mats], repeats)
+    else:
+        t = timed(lambda: [torch.ops.tridlm.gemm_bf16(xs[i], p) for p, _, i in mats], repeats)
+    return sum(p.numel() * p.element_size() for p, _, _ in mats) / t / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=0)
@@ -93,6 +114,16 @@ def main() -> None:
         print(f"| {name} | {rates[0]:.1f} | {rates[1]:.1f} |")
     print(f"| SmolLM2 layers, fused, int8 weight-only (bf16 activations; GB/s of int8 bytes) | | "
           f"{int8_rate(fused * LAYERS, args.repeats):.1f} |")
+    from tridlm import native
+
+    if native.unavailable():
+        print(f"| tridlm's own products: unavailable ({native.unavailable()}) | | |")
+    else:
+        for tokens in (1, 8):
+            print(f"| SmolLM2 layers, fused, tridlm's own products, {tokens} token{'s' * (tokens > 1)} | | "
+                  f"{native_rate(fused * LAYERS, args.repeats, tokens):.1f} |")
+        print(f"| the same, int8 codes (GB/s of int8 bytes), 1 token | | "
+              f"{native_rate(fused * LAYERS, args.repeats, 1, int8=True):.1f} |")
     if args.compiled:
         got = [compiled_rate(fused * LAYERS, dt, args.repeats) for dt in (torch.float32, torch.bfloat16)]
         print(f"| SmolLM2 layers, fused, Inductor max-autotune + freezing (compile s: {got[0][1]:.0f} / "

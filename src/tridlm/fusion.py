@@ -222,7 +222,7 @@ class FusedProjections:
 
     def _product(self, x: torch.Tensor, rows: slice, quant: str | None, native: bool = False) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if native and quant in (None, "int8"):  # tridlm's products; the base rows end on a tile (native_fits)
+        if native:  # tridlm's products (bf16 or int8 rows); the base rows end on a tile (native_fits)
             packed, scales = self._quantized("native-int8" if quant else "native-bf16")
             start, stop = rows.start or 0, self._weight.shape[0] if rows.stop is None else rows.stop
             t0, t1 = start // packed.shape[2], -(-stop // packed.shape[2])  # the last tile may be padded
@@ -251,14 +251,14 @@ class FusedProjections:
             self._int8_rows()
         elif quant == "int4":
             self._int4_rows()
-        if native and quant in (None, "int8"):
+        if native:
             self._quantized("native-int8" if quant else "native-bf16")
             if self._block_b is not None:
                 self._quantized("native-b")
 
     def __call__(self, x: torch.Tensor, quant: str | None = None, native: bool = False) -> list[torch.Tensor]:
         """The members' outputs for input x; quant "int8" / "int4": weight-only products (bf16 activations);
-        native: through tridlm.native's products (bf16 or int8 weights; the caller checked native_fits)."""
+        native: through tridlm.native's products (quant None or "int8"; the caller checked native_fits)."""
         if not torch.compiler.is_compiling():  # a compiled graph captured the prepared layout
             self._ensure()
         gate = self._gate_src.value if self._gate_src is not None else None
@@ -268,9 +268,9 @@ class FusedProjections:
         elif isinstance(gate, str):  # every token a draft: base outputs and x @ A.T from one product
             both = self._product(x, slice(None), quant, native)
             y, xa = both[..., :self._n_base], both[..., self._n_base:]
-            y = y + self._drafter_product(xa, native and quant in (None, "int8")) * self._scaling
+            y = y + self._drafter_product(xa, native) * self._scaling
         else:  # drafts among base tokens: the base tokens keep the base model's exact products
             y = self._product(x, base, quant, native)
             xa = self._product(x, slice(self._n_base, None), quant, native)
-            y = y + self._drafter_product(xa, native and quant in (None, "int8")) * self._scaling * gate
+            y = y + self._drafter_product(xa, native) * self._scaling * gate
         return list(y.split(self._splits, dim=-1)) if len(self._splits) > 1 else [y]

@@ -336,7 +336,9 @@ class TriModeLM(nn.Module):
         ctx.fused = self.fuse_projections and not torch.is_grad_enabled()
         if ctx.fused and self.weight_format in fusion.QUANTIZED and B * T <= self.quant_max_tokens:
             ctx.quant = self.weight_format
-        ctx.native = ctx.fused and B * T <= self.native_max_tokens and self._native_format_holds(ctx.quant)
+        # set_weight_format keeps the range inside the bf16 / int8 forwards it was measured for; a later
+        # .to(dtype) leaves torch's products
+        ctx.native = ctx.fused and B * T <= self.native_max_tokens and self.dtype == torch.bfloat16
         if self._draft_gate is not None:
             self._draft_gate.value = gate
         try:
@@ -453,19 +455,19 @@ class TriModeLM(nn.Module):
 
                 max_tokens = quant_max_tokens(self, fmt)
         self.weight_format, self.quant_max_tokens = fmt, max_tokens or 0
-        self.native_max_tokens, self.native_unavailable = 0, self._native_misfit()
+        if native_max_tokens is None and fmt == "int8":
+            native_max_tokens = 0  # see the docstring: measured slower than compiled torch int8 at 8 tokens
+        self.native_unavailable = self._native_misfit() if native_max_tokens != 0 else "turned off (width 0)"
         if native_max_tokens and self.native_unavailable:
             raise ValueError(f"tridlm's own products cannot run here: {self.native_unavailable}; "
                              "pass native_max_tokens=0 (torch's products)")
-        if native_max_tokens is None and fmt == "int8":
-            native_max_tokens = 0  # see the docstring: measured slower than compiled torch int8 at 8 tokens
-        if native_max_tokens is None and not self.native_unavailable:
+        if native_max_tokens is None:
             from .kernels import native_max_tokens as measured
 
-            native_max_tokens = measured(self, fmt)
+            native_max_tokens = 0 if self.native_unavailable else measured(self, fmt)
         if fmt == "int8":  # wider int8 forwards take bf16 weights, which these products were not measured for
-            native_max_tokens = min(native_max_tokens or 0, self.quant_max_tokens)
-        self.native_max_tokens = 0 if self.native_unavailable else native_max_tokens or 0
+            native_max_tokens = min(native_max_tokens, self.quant_max_tokens)
+        self.native_max_tokens = native_max_tokens
         return self
 
     def _native_misfit(self) -> str | None:
@@ -480,12 +482,6 @@ class TriModeLM(nn.Module):
             return (f"the model's projections need outputs in multiples of {native.TILE_ROWS} and an even number "
                     "of inputs")
         return native.unavailable()
-
-    def _native_format_holds(self, quant: str | None) -> bool:
-        """Whether a forward with these products is one tridlm.native's range was measured for."""
-        if self.dtype != torch.bfloat16:  # moved to another dtype since: torch's products
-            return False
-        return quant == "int8" if self.weight_format == "int8" else quant is None and self.weight_format == "float"
 
     def compile_decode(self, tokens=(1,), mode: str = "max-autotune-no-cudagraphs") -> TriModeLM:
         """Run batch-1 decode forwards of `tokens` new tokens (1: AR; a block length L: self-speculation's

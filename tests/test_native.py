@@ -139,3 +139,108 @@ def test_the_native_range_is_measured_against_torchs_products_in_the_same_format
         got = kernels.measure_widths(m, fmt, widths=(1, 8), repeats=1, native=True)
         assert sorted(got) == [1, 8] and all(a > 0 and b > 0 for a, b in got.values())
 
+
+
+def attention_bound(q, keys, values, visible, out_exact) -> torch.Tensor:
+    """Worst-case error of one bf16 output of tridlm's attention: each score is D exact products summed in
+    fp32 (gamma_D <= 1.01 D u32 of the sum of |products|), scaled once more (u32); e^x adds ~2 ulp and the
+    subtraction of the maximum one u32, so each softmax weight carries a relative error of at most
+    d = score error + 4 u32 (to first order), twice over once normalised, and the weighted sum of n values
+    gamma_n more; weights sum to 1, so the absolute error is at most (2d + 1.01 (n + 2) u32) max |v|; the
+    bf16 output then rounds to half an ulp (u16 relative)."""
+    u32 = 2.0**-24
+    d_head, n = q.shape[-1], keys.shape[-2]
+    mag = (q.double().abs() @ keys.double().abs().transpose(-1, -2)) * d_head ** -0.5  # [.., T, n]
+    score_err = 1.01 * (d_head + 1) * u32 * mag.masked_fill(~visible, 0).amax(-1, keepdim=True)
+    fp32 = (2 * (score_err + 4 * u32) + 1.01 * (n + 2) * u32) * values.double().abs().amax((-1, -2))[..., None, None]
+    return fp32 + 2.0**-8 * (out_exact.abs() + fp32) + 1e-30
+
+
+@needs_native
+def test_attention_is_the_exact_softmax_to_rounding():
+    """Rows of different cache lengths (one empty), grouped query heads, a causal and a random mask among the
+    new tokens, q and the new keys/values as strided views (a forward's transposes): against float64."""
+    gen = torch.Generator().manual_seed(6)
+    for B, H, Hkv, T, D, S, lengths in ((2, 6, 2, 5, 64, 40, [23, 0]), (1, 4, 4, 1, 32, 16, [16]),
+                                       (3, 8, 2, 9, 128, 30, [3, 30, 11])):
+        q = torch.randn(B, T, H, D, generator=gen).bfloat16().transpose(1, 2)
+        k_new, v_new = (torch.randn(B, T, Hkv, D, generator=gen).bfloat16().transpose(1, 2) for _ in range(2))
+        k_cache, v_cache = (torch.randn(B, Hkv, S, D, generator=gen).bfloat16() for _ in range(2))
+        mask = torch.rand(B, T, T, generator=gen) < 0.5 if T > 1 and B > 1 else torch.ones(B, T, T, dtype=torch.bool)
+        mask |= torch.eye(T, dtype=torch.bool)  # every new token sees itself
+        n_cached = torch.tensor(lengths)
+        got = torch.ops.tridlm.attend_bf16(q, k_cache, v_cache, n_cached, k_new, v_new, mask, D ** -0.5)
+        assert got.shape == (B, T, H, D)
+        for b in range(B):
+            n = lengths[b]
+            keys = torch.cat([k_cache[b, :, :n], k_new[b]], 1).repeat_interleave(H // Hkv, 0)  # [H, n + T, D]
+            values = torch.cat([v_cache[b, :, :n], v_new[b]], 1).repeat_interleave(H // Hkv, 0)
+            visible = torch.cat([torch.ones(T, n, dtype=torch.bool), mask[b]], 1)  # [T, n + T]
+            scores = (q[b].double() @ keys.double().transpose(-1, -2)) * D ** -0.5
+            exact = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ values.double()  # [H, T, D]
+            err = (got[b].transpose(0, 1).double() - exact).abs()
+            assert bool((err <= attention_bound(q[b], keys, values, visible, exact)).all())
+
+
+def attention_model(seed: int, with_drafter: bool):
+    m = random_model(seed, hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    if with_drafter:
+        lora.attach(m, rank=6, alpha=12)
+        with torch.no_grad():
+            for p in lora.lora_parameters(m).values():
+                p.normal_(0, 0.2)
+    return m.to(torch.bfloat16)
+
+
+@needs_native
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("with_drafter", [False, True])
+def test_the_model_through_native_attention_agrees_with_torchs(static, with_drafter):
+    """Eager cache forwards and the compiled layout (run uncompiled), every pattern and padding, from an empty
+    cache on: the logits through tridlm's attention agree with torch's within the error model, and both
+    write the same cache entries' count."""
+    ref, m = attention_model(12, with_drafter), attention_model(12, with_drafter)
+    ref.set_weight_format("float", native_max_tokens=0, native_attention_max_tokens=0)
+    m.set_weight_format("float", native_max_tokens=0, native_attention_max_tokens=64)
+    assert m.native_attention_unavailable is None
+    for model in (ref, m):
+        if static:
+            model._compiled, model._compiled_tokens = model._forward_static, (1, 4)
+            model._compiled_for = model._graph_state()
+    cr, cm = ref.new_cache(1, 40), m.new_cache(1, 40)
+    gen = torch.Generator().manual_seed(7)
+    quad = (torch.rand(4, 4, generator=gen) < 0.5) | torch.eye(4, dtype=torch.bool)
+    steps = [(1, "causal", None, None), (4, "causal", None, None), (4, "block", None, None),
+             (4, quad, True, None), (1, "causal", None, None), (4, "causal", None, [True, True, True, False]),
+             (4, "block", None, [True, True, False, True])]
+    with torch.no_grad():
+        for T, pattern, write, valid in steps:
+            ids = torch.randint(4, 64, (1, T), generator=gen)
+            kw = dict(pattern=pattern, write_cache=write, valid=None if valid is None else torch.tensor([valid]))
+            want, got = ref(ids, cache=cr, **kw), m(ids, cache=cm, **kw)
+            real = torch.tensor([valid or [True] * T])
+            assert_logits_agree(ref, got[real], want[real], n_keys=int(cr.lengths) + T)
+            assert torch.equal(cm.lengths, cr.lengths)
+
+
+def test_native_attention_falls_back_to_torchs_where_it_cannot_run(monkeypatch):
+    odd = random_model(4).to(torch.bfloat16).set_weight_format("float")  # head size 8
+    assert odd.native_attention_max_tokens == 0
+    assert "head sizes 32, 64, 96 or 128, not 8" in odd.native_attention_unavailable
+    with pytest.raises(ValueError, match="attention cannot run here: .*native_attention_max_tokens=0"):
+        odd.set_weight_format("float", native_attention_max_tokens=8)
+    fp32 = random_model(4, hidden_size=128, num_attention_heads=4).set_weight_format("float")
+    assert fp32.native_attention_max_tokens == 0 and "bf16" in fp32.native_attention_unavailable
+    monkeypatch.setattr(native, "unavailable", lambda: "turned off by TRIDLM_NATIVE=0")
+    m = attention_model(4, False).set_weight_format("float")
+    assert m.native_attention_max_tokens == 0 and m.native_attention_unavailable == "turned off by TRIDLM_NATIVE=0"
+    with torch.no_grad():
+        m(torch.randint(4, 64, (1, 5)), cache=m.new_cache(1, 8))  # torch's attention
+
+
+@needs_native
+def test_the_native_attention_range_is_measured_against_torchs():
+    from tridlm import kernels
+
+    got = kernels.measure_attention(attention_model(5, False), widths=(1, 8), repeats=1, context=20)
+    assert sorted(got) == [1, 8] and all(a > 0 and b > 0 for a, b in got.values())

@@ -8,7 +8,8 @@ forward (batch x tokens) for which the format measured faster, found once on the
 projections (well under a second) and kept under `tridlm.machine.cache_root()/kernels/` keyed by
 format, CPU, ISA, threads, torch and the model's shapes. The bf16 weights stay the parameters, so both
 paths are always there. `native_max_tokens` is found the same way for tridlm's own products
-(tridlm.native) against torch's in the same format: bf16 weights, or int8.
+(tridlm.native) against torch's in the same format: bf16 weights, or int8; and
+`native_attention_max_tokens` for tridlm's attention over a KV cache against torch's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .machine import cache_root, cpu_isa, cpu_name
 
@@ -38,9 +40,9 @@ def cache_file(model, fmt: str) -> Path:
 
 
 def _native_source() -> str:
-    from .native import SOURCE
+    from .native import source_hash
 
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return source_hash()
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -114,3 +116,39 @@ def native_max_tokens(model, fmt: str, refresh: bool = False) -> int:
     """The widest forward to run through tridlm.native's products in `fmt` ("float": bf16 weights, or
     "int8") rather than torch's, on this machine. Cached per machine like quant_max_tokens."""
     return _measured_range(model, f"native-{fmt}", lambda: measure_widths(model, fmt, native=True), refresh)
+
+
+def measure_attention(model, widths=WIDTHS, repeats: int = 5, context: int = 192) -> dict[int, tuple[float, float]]:
+    """{width: (seconds through tridlm.native's attention, through torch's)} for one layer's attention of
+    that many new tokens over a cache holding `context` entries, as an eager forward runs it."""
+    from .native import unavailable
+
+    if unavailable():
+        raise RuntimeError(f"tridlm's attention cannot run here: {unavailable()}")
+    c = model.config
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    with torch.no_grad():
+        for w in widths:
+            cache = model.new_cache(1, context + w)
+            cache.k.normal_(generator=gen)
+            cache.v.normal_(generator=gen)
+            cache.lengths.fill_(context)
+            q = torch.randn(1, c.num_attention_heads, w, c.head_dim, generator=gen).to(model.dtype)
+            k, v = (torch.randn(1, c.num_key_value_heads, w, c.head_dim, generator=gen).to(model.dtype)
+                    for _ in range(2))
+            ctx = model._attention_context(1, w, "causal", None, cache, False, None, model.device)
+
+            def torch_attention(ctx=ctx, q=q, k=k, v=v):
+                keys, values = ctx.keys_values(0, k, v)
+                return F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, enable_gqa=True)
+
+            out[w] = (median_seconds(lambda ctx=ctx, q=q, k=k, v=v: ctx.attend_native(0, q, k, v), repeats),
+                      median_seconds(torch_attention, repeats))
+    return out
+
+
+def native_attention_max_tokens(model, refresh: bool = False) -> int:
+    """The widest forward over a KV cache to run through tridlm.native's attention rather than torch's on
+    this machine. Cached per machine like quant_max_tokens."""
+    return _measured_range(model, "native-attention", lambda: measure_attention(model), refresh)

@@ -111,11 +111,13 @@ def environment_report() -> dict:
 
 
 def _native_state() -> str:
-    """tridlm.native's products: whether they load here (building them once if needed), or why not."""
+    """tridlm.native's kernels: whether they load here (building them once if needed), or why not."""
     from . import native
 
     reason = native.unavailable()
-    return f"unavailable: {reason}" if reason else "available (bf16 and int8 weights, narrow forwards)"
+    if reason:
+        return f"unavailable: {reason}"
+    return "available (bf16 and int8 weight products, attention over a bf16 KV cache; narrow forwards)"
 
 
 def _version() -> str:

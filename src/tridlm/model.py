@@ -104,7 +104,9 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if q_scale is not None:  # Llama-4 scaling, applied after RoPE
             q = q * q_scale
-        if ctx.static:
+        if ctx.native_attention:  # tridlm.native's kernel: cache and new tokens in one softmax
+            out = ctx.attend_native(layer, q, k, v)
+        elif ctx.static:
             out = ctx.attend_static(layer, q, k, v)
         else:
             keys, values = ctx.keys_values(layer, k, v)
@@ -170,6 +172,8 @@ class _AttnContext:
         self.fused = False  # fused projections (tridlm.fusion): at inference, not when gradients flow
         self.quant = None  # "int8" / "int4": weight-only products (TriModeLM.weight_format)
         self.native = False  # tridlm.native's products (TriModeLM.native_max_tokens)
+        self.native_attention = False  # tridlm.native's attention (TriModeLM.native_attention_max_tokens)
+        self.new_mask: torch.Tensor | None = None  # the new tokens' own mask, [B, T, T], for it
         self.static = False  # fixed-shape layout of a compiled decode graph (TriModeLM.compile_decode)
         # static: `mask` is among the new tokens only, [B, 1, T, T]; the cache's visible slots are
         # `cache_bias` (0 / -inf, [B, 1, 1, S]); each layer's new keys/values are kept in `new_kv`
@@ -197,6 +201,18 @@ class _AttnContext:
         o_c = torch.where(self.cache_empty[..., None], 0.0, o_c.float())
         out = o_c * (lse_c - lse).exp()[..., None] + o_n * (lse_n - lse).exp()[..., None]
         return out.to(q.dtype).view(B, n_kv, G, T, D).reshape(B, H, T, D)
+
+    def attend_native(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The new tokens over each row's valid cache slots and each other (`new_mask`), read in place: the
+        same attention as the other paths, one kernel call a layer. Keys/values are stored as those do."""
+        c = self.cache
+        out = torch.ops.tridlm.attend_bf16(q, c.k[layer], c.v[layer], c.lengths, k, v, self.new_mask,
+                                           q.shape[-1] ** -0.5)  # [B, T, H, D]
+        if self.static:
+            self.new_kv.append((k, v))
+        elif self.write:
+            c.write(layer, k, v, self.uniform)
+        return out.transpose(1, 2)
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         c = self.cache
@@ -234,6 +250,8 @@ class TriModeLM(nn.Module):
         self.quant_max_tokens = 0  # quantized products for forwards of at most this many tokens (batch x tokens)
         self.native_max_tokens = 0  # tridlm.native's products for forwards of at most this many tokens
         self.native_unavailable: str | None = "not chosen (set_weight_format chooses)"
+        self.native_attention_max_tokens = 0  # tridlm.native's attention for forwards over a cache this narrow
+        self.native_attention_unavailable: str | None = "not chosen (set_weight_format chooses)"
         self.head = FusedProjections(self, ("diffusion_head",))
         self._compiled, self._compiled_tokens = None, ()  # compile_decode's graphs and the widths they serve
         self._compiled_for: tuple = ()  # the _graph_state they were compiled in
@@ -339,6 +357,8 @@ class TriModeLM(nn.Module):
         # set_weight_format keeps the range inside the bf16 / int8 forwards it was measured for; a later
         # .to(dtype) leaves torch's products
         ctx.native = ctx.fused and B * T <= self.native_max_tokens and self.dtype == torch.bfloat16
+        ctx.native_attention = (ctx.fused and cache is not None and B * T <= self.native_attention_max_tokens
+                                and self.dtype == torch.bfloat16)
         if self._draft_gate is not None:
             self._draft_gate.value = gate
         try:
@@ -386,6 +406,7 @@ class TriModeLM(nn.Module):
             if valid is not None:  # padding is seen by no one and sees only itself
                 new = (new & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
             ctx = _AttnContext(cache, write, new[:, None], None)
+            ctx.new_mask = new
             zero = torch.zeros((), dtype=cache.k.dtype, device=dev)
             ctx.cache_bias = torch.where(prefix, zero, float("-inf"))[:, None, None]  # [B, 1, 1, S]
             ctx.cache_empty = (cache.lengths == 0)[:, None, None]
@@ -419,10 +440,14 @@ class TriModeLM(nn.Module):
             mask = full_mask(nm, prefix_lens, offsets, key_len, valid)
         ctx = _AttnContext(cache, write, mask, uniform)
         ctx.key_len = key_len
+        new = nm.expand(B, T, T)
+        if valid is not None:  # as in the static layout: padding is seen by no one and sees itself
+            new = (new & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
+        ctx.new_mask = new
         return ctx
 
-    def set_weight_format(self, fmt: str, max_tokens: int | None = None,
-                          native_max_tokens: int | None = None) -> TriModeLM:
+    def set_weight_format(self, fmt: str, max_tokens: int | None = None, native_max_tokens: int | None = None,
+                          native_attention_max_tokens: int | None = None) -> TriModeLM:
         """"int8": inference products read int8 weights with one scale per output row (weight-only, A16W8:
         activations stay bf16); "int4": 4-bit codes with a scale and an offset per group of 32 inputs
         (A16W4, like GGUF's Q4_1). Quantized once from the bf16 weights, which stay the parameters
@@ -435,7 +460,9 @@ class TriModeLM(nn.Module):
         they cannot run (`native_unavailable` says why), and 0 for int8, where torch's int8 kernel as
         Inductor compiles it beat them on draft and verify blocks (BENCHMARKS.md) -- an eager timing cannot
         see that; pass a width to use them. 0 turns them off. They form the same products as torch's, summed
-        in another order: results agree within the documented tolerance (README, What is exact)."""
+        in another order: results agree within the documented tolerance (README, What is exact).
+        `native_attention_max_tokens` is the same for tridlm's attention over a KV cache (bf16 models, head
+        sizes 32-128; measured against torch's, whatever the weight format)."""
         if fmt not in ("float", *fusion.QUANTIZED):
             raise ValueError(f"unknown weight format {fmt!r}; use 'float', 'int8' or 'int4'")
         if fmt in fusion.QUANTIZED:
@@ -468,7 +495,27 @@ class TriModeLM(nn.Module):
         if fmt == "int8":  # wider int8 forwards take bf16 weights, which these products were not measured for
             native_max_tokens = min(native_max_tokens, self.quant_max_tokens)
         self.native_max_tokens = native_max_tokens
+        self.native_attention_unavailable = (self._native_attention_misfit() if native_attention_max_tokens != 0
+                                             else "turned off (width 0)")
+        if native_attention_max_tokens and self.native_attention_unavailable:
+            raise ValueError(f"tridlm's own attention cannot run here: {self.native_attention_unavailable}; "
+                             "pass native_attention_max_tokens=0 (torch's attention)")
+        if native_attention_max_tokens is None:
+            from .kernels import native_attention_max_tokens as measured
+
+            native_attention_max_tokens = 0 if self.native_attention_unavailable else measured(self)
+        self.native_attention_max_tokens = native_attention_max_tokens
         return self
+
+    def _native_attention_misfit(self) -> str | None:
+        """Why tridlm.native's attention cannot serve this model, or None."""
+        from . import native
+
+        if self.dtype != torch.bfloat16 or self.device.type != "cpu":
+            return f"it takes bf16 keys and values on a CPU, not {self.dtype} on {self.device}"
+        if self.config.head_dim % 32 or self.config.head_dim > 128:
+            return f"it takes head sizes 32, 64, 96 or 128, not {self.config.head_dim}"
+        return native.unavailable()
 
     def _native_misfit(self) -> str | None:
         """Why tridlm.native's products cannot serve this model's current format, or None."""
@@ -517,7 +564,7 @@ class TriModeLM(nn.Module):
     def _graph_state(self) -> tuple:
         """What compiled graphs bake in besides the weights' values."""
         return (str(self.device), self.dtype, self.weight_format, self.quant_max_tokens, self.native_max_tokens,
-                self.draft_adapter is not None, self.fuse_projections)
+                self.native_attention_max_tokens, self.draft_adapter is not None, self.fuse_projections)
 
     def _fused_groups(self) -> list[FusedProjections]:
         groups = [self.head]

@@ -1,7 +1,8 @@
-"""tridlm's own CPU matrix products for narrow forwards (`csrc/small_gemm.cpp`): bf16 weights and int8
-weight-only, bf16 activations, fp32 sums. Built once per machine with the system C++ compiler against
-the installed torch (a few seconds), kept under `tridlm.machine.cache_root()/native/`, and loaded as the
-torch ops `torch.ops.tridlm.gemm_bf16` and `gemm_int8`, which torch.compile graphs call like any op.
+"""tridlm's own CPU kernels for narrow forwards: matrix products (`csrc/small_gemm.cpp`: bf16 weights
+and int8 weight-only, bf16 activations, fp32 sums) and attention over a KV cache (`csrc/attention.cpp`).
+Built once per machine with the system C++ compiler against the installed torch (a few seconds), kept
+under `tridlm.machine.cache_root()/native/`, and loaded as the torch ops `torch.ops.tridlm.gemm_bf16`,
+`gemm_int8` and `attend_bf16`, which torch.compile graphs call like any op.
 They need AVX-512 with BF16 dot products (AMD Zen 4, Intel Sapphire Rapids and later); where that, a
 compiler or the build is missing, `unavailable()` says why and tridlm keeps torch's products.
 `TRIDLM_NATIVE=0` turns them off.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "small_gemm.cpp"
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("small_gemm.cpp", "attention.cpp"))
 TILE_ROWS, TILE_COLS = 32, 2  # the packed layout's tile: output rows x inputs
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 ARCH = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
@@ -37,7 +38,7 @@ def unavailable() -> str | None:
         try:
             _reason = _load()
         except Exception as e:  # a failed build or load leaves torch's products, never a broken model
-            _reason = f"loading {SOURCE.name} failed: {e}"
+            _reason = f"loading tridlm's CPU kernels failed: {e}"
     return _reason or None
 
 
@@ -75,12 +76,17 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+def source_hash() -> str:
+    """Changes whenever a kernel's source does (keys cached builds and measurements)."""
+    return hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+
+
 def _library_path(cxx: str) -> Path:
     from .machine import cache_root
 
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((torch.__version__, version, ARCH)).encode()).hexdigest()
-    return cache_root() / "native" / f"small_gemm-{key[:16]}.so"
+    key = hashlib.sha256((source_hash() + repr((torch.__version__, version, ARCH))).encode()).hexdigest()
+    return cache_root() / "native" / f"tridlm_cpu-{key[:16]}.so"
 
 
 def _build(cxx: str, out: Path) -> None:
@@ -91,9 +97,9 @@ def _build(cxx: str, out: Path) -> None:
     libs = library_paths()
     cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", *ARCH,
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-           *[f"-I{p}" for p in include_paths()], str(SOURCE), "-o", str(tmp),
+           *[f"-I{p}" for p in include_paths()], *map(str, SOURCES), "-o", str(tmp),
            *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu"]
-    print(f"building tridlm's CPU products ({SOURCE.name}, once per machine) ...", file=sys.stderr)
+    print("building tridlm's CPU kernels (once per machine) ...", file=sys.stderr)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
@@ -122,5 +128,10 @@ def _load() -> str:
     @torch.library.register_fake("tridlm::gemm_int8")
     def _(x, w, scale):
         return x.new_empty(x.shape[0], w.shape[0] * TILE_ROWS)
+
+    @torch.library.register_fake("tridlm::attend_bf16")
+    def _(q, k_cache, v_cache, lengths, k_new, v_new, mask, scale):
+        b, h, t, d = q.shape
+        return q.new_empty(b, t, h, d)
 
     return ""

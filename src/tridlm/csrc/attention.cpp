@@ -1,0 +1,176 @@
+// tridlm's CPU attention for narrow forwards over a KV cache: a few new tokens (a decoding step, a draft
+// or verify block) attend to the first lengths[b] slots of their row's cache and to each other through a
+// [T, T] mask, in one softmax. torch's fused CPU kernel costs ~0.1 ms a layer at one token whatever the
+// context (it is built for long query blocks) and a static cache makes it read every slot; this reads
+// only the valid ones. bf16 inputs, fp32 scores, sums and output accumulation, bf16 out.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 32;   // bf16 values in one 512-bit register
+constexpr int kMaxChunks = 4;    // head sizes up to 128
+constexpr int kRowsAtOnce = 4;   // query rows that share each key and value load
+
+inline __m512 widen(const uint16_t* p) {  // 16 bf16 -> fp32, exact
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// e^x for x <= 0 (scores minus their maximum); -inf gives exactly 0. Cody-Waite reduction to
+// r in [-ln2/2, ln2/2] and a degree-6 polynomial: within ~2 ulp of e^x
+inline __m512 exp_nonpositive(__m512 x) {
+  const __mmask16 seen = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_NEQ_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(seen, _mm512_scalef_ps(p, n));
+}
+
+struct Keys {  // one head's keys or values: `n` rows of `stride` elements
+  const uint16_t* p;
+  int64_t stride, n;
+};
+
+// rows [0, R) of one query head: scores over the cache's keys, then the new tokens' keys
+template <int R>
+void attend_rows(const uint16_t* const* q, int chunks, Keys kc, Keys kn, Keys vc, Keys vn,
+                 const bool* const* seen, float scale, float* scores, int64_t ld, uint16_t* const* out) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  __m512bh qr[R][kMaxChunks];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < chunks; ++c) qr[r][c] = (__m512bh)_mm512_loadu_si512(q[r] + c * kChunk);
+  const int64_t n = kc.n + kn.n;
+  for (int64_t j = 0; j < n; ++j) {
+    const bool cached = j < kc.n;
+    const uint16_t* k = cached ? kc.p + j * kc.stride : kn.p + (j - kc.n) * kn.stride;
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int c = 0; c < chunks; ++c) {
+      const __m512bh kv = (__m512bh)_mm512_loadu_si512(k + c * kChunk);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], kv, qr[r][c]);
+    }
+    for (int r = 0; r < R; ++r)
+      scores[r * ld + j] = cached || seen[r][j - kc.n] ? _mm512_reduce_add_ps(acc[r]) * scale : ninf;
+  }
+  float total[R];
+  for (int r = 0; r < R; ++r) {  // softmax numerators in place, their sum
+    float* s = scores + r * ld;
+    float hi = ninf;
+    for (int64_t j = 0; j < n; ++j) hi = std::max(hi, s[j]);
+    const __m512 top = _mm512_set1_ps(hi);
+    __m512 sum = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + j), top));
+      _mm512_storeu_ps(s + j, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (j < n) {
+      const __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + j), top));
+      _mm512_mask_storeu_ps(s + j, tail, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+    }
+    total[r] = _mm512_reduce_add_ps(sum);
+  }
+  const int wide = chunks * 2;  // fp32 registers per head
+  __m512 o[R][2 * kMaxChunks];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < wide; ++c) o[r][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* v = j < kc.n ? vc.p + j * vc.stride : vn.p + (j - kc.n) * vn.stride;
+    for (int c = 0; c < wide; ++c) {
+      const __m512 vv = widen(v + 16 * c);
+      for (int r = 0; r < R; ++r) o[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[r * ld + j]), vv, o[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 inv = _mm512_set1_ps(total[r] > 0 ? 1.0f / total[r] : 0.0f);
+    for (int c = 0; c < wide; ++c)
+      _mm256_storeu_si256((__m256i*)(out[r] + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[r][c], inv)));
+  }
+}
+
+void check_heads(const at::Tensor& t, const char* name, int64_t B, int64_t D) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(3) == D && t.stride(3) == 1 &&
+                  t.scalar_type() == at::kBFloat16,
+              "attend_bf16: ", name, " must be bf16 [B, heads, n, ", D, "] with contiguous rows");
+}
+
+// out[b, t, h] = softmax over cache slots [0, lengths[b]) and new tokens j with mask[b, t, j]
+at::Tensor attend_bf16(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& lengths, const at::Tensor& k_new, const at::Tensor& v_new,
+                       const at::Tensor& mask, double scale) {
+  TORCH_CHECK(q.dim() == 4, "attend_bf16 takes q as [B, heads, T, D]");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k_cache.size(1);
+  const int64_t S = k_cache.size(2);
+  TORCH_CHECK(D % kChunk == 0 && D / kChunk <= kMaxChunks, "attend_bf16 takes head sizes 32, 64, 96 or 128, got ", D);
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&k_new, "k_new"},
+                         {&v_new, "v_new"}})
+    check_heads(*t, name, B, D);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && k_new.size(1) == Hkv && v_cache.size(1) == Hkv && v_new.size(1) == Hkv,
+              "attend_bf16: query heads must be a multiple of the key/value heads");
+  TORCH_CHECK(k_new.size(2) == T && v_new.size(2) == T && v_cache.size(2) == S, "attend_bf16: mismatched lengths");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 3 && mask.size(0) == B && mask.size(1) == T &&
+                  mask.size(2) == T,
+              "attend_bf16 takes the new tokens' mask as bool [B, T, T]");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.numel() == B, "attend_bf16 takes int64 lengths [B]");
+  const at::Tensor m = mask.contiguous(), len = lengths.contiguous();
+  at::Tensor out = at::empty({B, T, H, D}, q.options());
+  const int64_t G = H / Hkv, chunks = D / kChunk;
+  const float sc = (float)scale;
+  auto heads = [](const at::Tensor& t, int64_t b, int64_t h) { return (const uint16_t*)t.data_ptr() + b * t.stride(0) + h * t.stride(1); };
+  at::parallel_for(0, B * H, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> scores;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / H, h = u % H, kv = h / G;
+      const int64_t n_cached = std::min<int64_t>(std::max<int64_t>(len.data_ptr<int64_t>()[b], 0), S);
+      const Keys kc{heads(k_cache, b, kv), k_cache.stride(2), n_cached}, vc{heads(v_cache, b, kv), v_cache.stride(2), n_cached};
+      const Keys kn{heads(k_new, b, kv), k_new.stride(2), T}, vn{heads(v_new, b, kv), v_new.stride(2), T};
+      const int64_t ld = n_cached + T;
+      scores.resize(kRowsAtOnce * ld);
+      for (int64_t t0 = 0; t0 < T; t0 += kRowsAtOnce) {
+        const int rows = (int)std::min<int64_t>(kRowsAtOnce, T - t0);
+        const uint16_t* qp[kRowsAtOnce];
+        const bool* seen[kRowsAtOnce];
+        uint16_t* op[kRowsAtOnce];
+        for (int r = 0; r < rows; ++r) {
+          qp[r] = heads(q, b, h) + (t0 + r) * q.stride(2);
+          seen[r] = m.data_ptr<bool>() + (b * T + t0 + r) * T;
+          op[r] = (uint16_t*)out.data_ptr() + ((b * T + t0 + r) * H + h) * D;
+        }
+        switch (rows) {
+          case 1: attend_rows<1>(qp, (int)chunks, kc, kn, vc, vn, seen, sc, scores.data(), ld, op); break;
+          case 2: attend_rows<2>(qp, (int)chunks, kc, kn, vc, vn, seen, sc, scores.data(), ld, op); break;
+          case 3: attend_rows<3>(qp, (int)chunks, kc, kn, vc, vn, seen, sc, scores.data(), ld, op); break;
+          default: attend_rows<4>(qp, (int)chunks, kc, kn, vc, vn, seen, sc, scores.data(), ld, op); break;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tridlm, m) {
+  m.def("attend_bf16(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, Tensor k_new, Tensor v_new, "
+        "Tensor mask, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tridlm, CPU, m) { m.impl("attend_bf16", attend_bf16); }

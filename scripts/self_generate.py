@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from tridlm.bench.hf_baseline import to_transformers
-from tridlm.checkpoint import load
+from tridlm.loader import load
 from tridlm.training.corpora import DEFAULT_GSM8K
 from tridlm.training.self_generated import mixed_prompts, write_corpus
 

@@ -109,7 +109,7 @@ def test_generate_sampling_options_and_stop(checkpoint, capsys):
     (("--selection-policy", "random"), "unknown selection_policy 'random'"),
 ])
 def test_generate_validation_errors(checkpoint, capsys, monkeypatch, argv, message):
-    monkeypatch.setattr(tridlm.checkpoint, "load", lambda *a, **k: pytest.fail("loaded the weights"))
+    monkeypatch.setattr(tridlm.loader, "load", lambda *a, **k: pytest.fail("loaded the weights"))
     rc, out, err = run_cli(capsys, "generate", checkpoint, "hello", "--mode", "diffusion", *argv)
     assert rc == 2 and message in err and err.startswith("tridlm generate: error:") and out == ""
 
@@ -140,3 +140,22 @@ def test_chat_uses_the_template_and_keeps_the_conversation(checkpoint, capsys, m
     assert prompts[1] == "<|im_start|>user\nTo be<|im_end|>\n<|im_start|>assistant\n"  # after /reset
     assert prompts[2].startswith(prompts[1])  # the first exchange is kept
     assert prompts[2].endswith("<|im_start|>user\nor not<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "spec"])
+def test_the_default_block_length_is_the_checkpoints_block_size(checkpoint, tmp_path, capsys, mode):
+    """A checkpoint trained at block 16 decodes at 16 unless told otherwise: through the Python API and
+    the CLI, whose JSON says which block length ran; an explicit one still wins."""
+    import shutil
+
+    folder = tmp_path / "block16"
+    shutil.copytree(checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["block_size"] != 16
+    (folder / "config.json").write_text(json.dumps({**config, "block_size": 16}))
+    m = tridlm.load(folder)
+    assert tridlm.generate(m, "hello", mode, max_new_tokens=20).block_length == 16
+    assert tridlm.generate(m, "hello", mode, max_new_tokens=20, block_length=4).block_length == 4
+    assert tridlm.generate(m, "hello", "ar", max_new_tokens=4).block_length is None
+    rc, out, _ = run_cli(capsys, "generate", str(folder), "hello", "--mode", mode, "--json", "--max-new-tokens", "20")
+    assert rc == 0 and json.loads(out)["block_length"] == 16

@@ -392,8 +392,8 @@ def test_base_cache_converts_once_per_file_and_options(tmp_path, monkeypatch):
     assert info["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
 
     calls = []
-    real = tc.convert_gguf
-    monkeypatch.setattr(tc, "convert_gguf", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = tc.source.convert_gguf
+    monkeypatch.setattr(tc.source, "convert_gguf", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert tc.smollm2_base(gguf_path=src) == first and not calls  # a hit: nothing converted
     added = tc.smollm2_base(gguf_path=src, add_mask_token=True)
     assert added != first and len(calls) == 1

@@ -10,7 +10,7 @@ from test_infill_support import text_model  # noqa: F401  (fixture)
 import tridlm.infill  # noqa: F401  (attaches model.infill)
 from tridlm.decoding import DecodeBatch, GenerationError, GenerationParams, Row
 from tridlm.decoding.infill import InfillOptions, InfillRow, spread_lengths
-from tridlm.training.fim import fim_tokens
+from tridlm.tokenizer import fim_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tridlm.tokenizer import FimTokens
 from tridlm.training.fim import (
     FimConfig,
-    FimTokens,
     fim_reorder,
     hole_mask,
     hole_noise_row,

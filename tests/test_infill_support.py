@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from tridlm import ModelConfig, TriModeLM
+from tridlm.tokenizer import add_fim_tokens
 from tridlm.training.bpe import train_bpe
-from tridlm.training.fim import add_fim_tokens
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from tridlm.eval.fim_training import build_tokenizer, comparison_markdown
-from tridlm.training.fim import FIM_MIDDLE, FIM_PREFIX, FimConfig
+from tridlm.tokenizer import FIM_MIDDLE, FIM_PREFIX
+from tridlm.training.fim import FimConfig
 from tridlm.training.quick import micro_recipe, write_micro_corpus
 from tridlm.training.recipe import load_recipe
 from tridlm.training.trainer import Trainer

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tridlm.bench.cost_profile import CANDIDATES
+from tridlm.decoding.block_length import CANDIDATES
 from tridlm.server import EngineConfig, Limits, ServerConfig, ServerThread, create_app
 from tridlm.server.prompts import chat_prompt
 from tridlm.server.schemas import ChatCompletionRequest

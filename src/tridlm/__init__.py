@@ -1,10 +1,11 @@
 """tridlm: one set of weights, three ways to write -- autoregressive, block diffusion, self-speculation."""
 
 from .cache import KVCache
-from .checkpoint import CheckpointError, load, save
+from .checkpoint import CheckpointError, save
 from .config import ModelConfig, RopeParameters
 from .generate import GenerationResult, generate
 from .infill import InfillResult, RevisionResult, infill, revise
+from .loader import load
 from .model import TriModeLM
 from .tokenizer import Tokenizer
 

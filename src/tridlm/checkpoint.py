@@ -6,8 +6,8 @@
     generation_config.json
 
 Saving is atomic: everything is written to a temporary sibling folder, fsynced, then renamed into
-place, so a crash never leaves a half-written checkpoint under the final name. Loading validates
-every file header against the config before allocating any weight, and never unpickles.
+place, so a crash never leaves a half-written checkpoint under the final name. Reading never unpickles;
+`tridlm.loader` builds a TriModeLM from a folder after checking every header against the config.
 """
 
 from __future__ import annotations
@@ -18,15 +18,17 @@ import shutil
 import struct
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import lora
 from .config import ModelConfig
-from .model import TriModeLM
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .model import TriModeLM
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -141,7 +143,7 @@ def save(model: TriModeLM, path, tokenizer: Tokenizer | None = None, max_shard_b
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def _is_pickle(p: Path) -> bool:
@@ -210,79 +212,6 @@ def weight_files(path: Path) -> list[Path]:
                               "unpickles checkpoints (unpickling runs arbitrary code). Convert them to "
                               "model.safetensors first.")
     raise CheckpointError(f"{path} has no {WEIGHTS} (nor {INDEX}); the weights are missing")
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        m = TriModeLM(config)
-    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
-    if config.tie_word_embeddings:
-        shapes.pop("diffusion_head.weight")
-    return shapes
-
-
-def validate(path) -> tuple[ModelConfig, dict[str, Path]]:
-    """Check a folder fully before any weight is allocated; returns the config and tensor -> file."""
-    path = Path(path)
-    config = read_config(path)
-    files = weight_files(path)
-    located: dict[str, Path] = {}
-    found: dict[str, tuple] = {}
-    for f in files:
-        for name, info in read_safetensors_header(f).items():
-            if info["dtype"] not in _ST_DTYPES:
-                raise CheckpointError(f"tensor {name} in {f.name} has dtype {info['dtype']}; expected a float type")
-            found[name] = info["shape"]
-            located[name] = f
-    expected = expected_shapes(config)
-    missing = sorted(set(expected) - set(found))
-    if missing:
-        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}"
-                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    unexpected = sorted(set(found) - set(expected) - {"diffusion_head.weight"})
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensor(s) {', '.join(unexpected[:5])}"
-                              + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
-                              + " (a different architecture, or config.json does not match the weights)")
-    for name, shape in expected.items():
-        if found[name] != shape:
-            raise CheckpointError(f"{path}: tensor {name} has shape {list(found[name])} in {located[name].name}, "
-                                  f"but config.json implies {list(shape)}")
-    return config, located
-
-
-def load(path, dtype: torch.dtype = torch.float32, device="cpu", load_tokenizer: bool = True,
-         draft_adapter: bool | str | Path = True) -> TriModeLM:
-    """Load a checkpoint folder into a TriModeLM (with `.tokenizer` attached when the folder has one).
-
-    draft_adapter: True loads `<path>/linear_spec_lora` when present (NLD's optional LoRA drafter);
-    False skips it; a path loads the adapter from there.
-    """
-    path = Path(path)
-    config, located = validate(path)
-    with torch.device("meta"):
-        model = TriModeLM(config)
-    model = model.to_empty(device=device)
-    by_file: dict[Path, list[str]] = {}
-    for name, f in located.items():
-        by_file.setdefault(f, []).append(name)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for f, names in by_file.items():
-            with safe_open(str(f), framework="pt", device="cpu") as st:
-                for name in names:
-                    if name == "diffusion_head.weight" and config.tie_word_embeddings:
-                        continue
-                    params[name].copy_(st.get_tensor(name))
-    if config.tie_word_embeddings:
-        model.diffusion_head.weight = model.encoder.embed_tokens.weight
-    adapter_dir = Path(draft_adapter) if isinstance(draft_adapter, str | Path) else path / lora.ADAPTER_DIR
-    if draft_adapter is not False and (adapter_dir.is_dir() or not isinstance(draft_adapter, bool)):
-        lora.load(model, adapter_dir)
-    model = model.to(dtype).eval()
-    if load_tokenizer and (path / "tokenizer.json").is_file():
-        model.tokenizer = Tokenizer.from_folder(path)
-    return model
 
 
 def generation_defaults(path) -> dict:

@@ -52,7 +52,7 @@ def default_model_paths() -> tuple[Path, Path]:
 
 def default_model(dtype: torch.dtype = torch.float32, progress=None):
     """Load the default tri-mode model. `progress(msg)` is called before each slow stage."""
-    from .checkpoint import load
+    from .loader import load
 
     say = progress or (lambda msg: None)
     say("locating SmolLM2-135M-Instruct (converted from the packaged GGUF and cached on first use)")
@@ -65,7 +65,7 @@ def resolve_model(path: str | None, dtype: torch.dtype = torch.float32, progress
     """A model from a CLI `--model` value: None or "default" gives the default model."""
     if path in (None, "default"):
         return default_model(dtype, progress)
-    from .checkpoint import load
+    from .loader import load
 
     if progress:
         progress(f"loading {path}")

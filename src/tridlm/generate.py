@@ -14,11 +14,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .decoding import CallMetrics, DecodeBatch, GenerationError, GenerationParams, Row, RowMetrics
-from .model import TriModeLM
+from .decoding.block_length import resolve_auto_block_length
+
+if TYPE_CHECKING:
+    from .model import TriModeLM
 
 
 class TextChunk(str):
@@ -52,6 +56,7 @@ class GenerationResult:
     rows: list[RowResult] = field(default_factory=list)
     metrics: CallMetrics = field(default_factory=CallMetrics)
     batched: bool = False
+    block_length: int | None = None  # what ran (resolved from the default or "auto"); None for AR
 
     def _one(self) -> RowResult:
         if len(self.rows) != 1:
@@ -75,7 +80,7 @@ class GenerationResult:
         return [r.text for r in self.rows]
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "rows": [r.to_dict() for r in self.rows],
+        return {"mode": self.mode, "block_length": self.block_length, "rows": [r.to_dict() for r in self.rows],
                 "metrics": self.metrics.to_dict()}
 
 
@@ -135,15 +140,14 @@ class GenerationStream:
                 yield TextChunk(text, i, r.take_ids())
         metrics = CallMetrics(rows=[r.metrics for r in self.rows], prefill_forwards=batch.prefill_forwards,
                               forwards=batch.forwards, wall_time_s=time.perf_counter() - t0)
+        block = self.rows[0].params.block_length if self.mode != "ar" and self.rows else None
         self.result = GenerationResult(
-            mode=self.mode, batched=self.batched, metrics=metrics,
+            mode=self.mode, batched=self.batched, metrics=metrics, block_length=block,
             rows=[RowResult(r.text, list(r.output), r.prompt, r.finish_reason, r.metrics) for r in self.rows])
 
 
 def auto_block_length(model: TriModeLM) -> int:
-    """block_length="auto": the length that maximises expected tokens/s on this device (tridlm.bench)."""
-    from .bench.cost_profile import resolve_auto_block_length
-
+    """block_length="auto": the length that maximises expected tokens/s on this device."""
     return resolve_auto_block_length(model)
 
 
@@ -153,8 +157,8 @@ def generate(model: TriModeLM, prompt, mode: str = "ar", *, tokenizer=None, stre
 
     mode: "ar" | "diffusion" | "spec" | "spec-quadratic".
     params (see `GenerationParams`): max_new_tokens=128, temperature=0 (greedy), top_k=0, top_p=1,
-        seed=None, stop=(), eos_token_id (default the model's), ignore_eos=False, block_length=32 (or
-        "auto": measured cost and acceptance profiles pick it, see tridlm.bench.cost_profile),
+        seed=None, stop=(), eos_token_id (default the model's), ignore_eos=False, block_length (default the
+        checkpoint's block_size; "auto": measured cost and acceptance profiles pick it, tridlm.decoding.block_length),
         threshold (diffusion 0.9, spec 0 = one-pass draft), steps (default block_length),
         selection_policy="confidence_threshold" | "low_confidence" | "margin" | "entropy" | "leftmost".
     revise_rounds / revise_threshold / revise_budget / revise_groups (diffusion only): after a block is
@@ -175,18 +179,12 @@ def generate(model: TriModeLM, prompt, mode: str = "ar", *, tokenizer=None, stre
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     revision = {k: params.pop(k) for k in ("revise_rounds", "revise_threshold", "revise_budget", "revise_groups")
                 if k in params}
-    auto_block = params.get("block_length") == "auto"
-    if auto_block:  # validate everything with a stand-in first: no forward runs on bad input
-        params["block_length"] = 1
     try:
         gp = GenerationParams(mode=mode, **params)
     except TypeError as e:
         raise GenerationError(f"unknown generation parameter: {e}") from None
     prompts, batched = _prompt_ids(prompt, tokenizer, add_special_tokens)
-    gp = gp.resolve(model.config, [len(p) for p in prompts])
-    if auto_block:
-        gp = gp.replace(block_length=auto_block_length(model), steps=params.get("steps"))
-        gp = gp.resolve(model.config, [len(p) for p in prompts])
+    gp = gp.resolve(model.config, [len(p) for p in prompts], auto_block_length=lambda: auto_block_length(model))
     make_row = Row
     if revision.get("revise_rounds"):
         from .decoding.revise import ReviseOptions, revising_row
@@ -205,6 +203,3 @@ def generate(model: TriModeLM, prompt, mode: str = "ar", *, tokenizer=None, stre
     for _ in s:
         pass
     return s.result
-
-
-TriModeLM.generate = generate

@@ -13,14 +13,17 @@ ids out. See `tridlm.decoding.infill` and `tridlm.decoding.revise` for the metho
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .decoding import DecodeBatch, GenerationError, GenerationParams, RowMetrics
 from .decoding.infill import METHODS, InfillOptions, InfillRow
 from .decoding.revise import Change, ReviseOptions, ReviseRow
-from .model import TriModeLM
-from .training.fim import fim_tokens
+from .tokenizer import fim_tokens
+
+if TYPE_CHECKING:
+    from .model import TriModeLM
 
 
 @dataclass
@@ -254,7 +257,3 @@ def revision_body(row: ReviseRow, tokenizer=None) -> dict:
             "usage": {"prompt_tokens": len(row.original), "completion_tokens": len(row.output),
                       "total_tokens": len(row.original) + len(row.output), "forwards": m.forwards,
                       "prefill_forwards": m.prefill_forwards}}
-
-
-TriModeLM.infill = infill
-TriModeLM.revise = revise

@@ -580,8 +580,27 @@ class TriModeLM(nn.Module):
                 n += p.numel()
         return n
 
-    # -- entry points defined elsewhere, attached for a Hugging Face-like API ----------------
+    # -- a Hugging Face-like API over the modules above this one (imported on call: they import this one)
     def save(self, path, tokenizer=None, **kwargs) -> None:
+        """Write this model as a checkpoint folder (`tridlm.checkpoint.save`)."""
         from .checkpoint import save
 
         save(self, path, tokenizer=tokenizer or self.tokenizer, **kwargs)
+
+    def generate(self, prompt, mode: str = "ar", **kwargs):
+        """`tridlm.generate(self, prompt, mode, ...)`: see there for the parameters."""
+        from .generate import generate
+
+        return generate(self, prompt, mode, **kwargs)
+
+    def infill(self, prefix=None, suffix=None, **kwargs):
+        """`tridlm.infill(self, prefix, suffix, ...)`: see there for the parameters."""
+        from .infill import infill
+
+        return infill(self, prefix, suffix, **kwargs)
+
+    def revise(self, text, **kwargs):
+        """`tridlm.revise(self, text, ...)`: see there for the parameters."""
+        from .infill import revise
+
+        return revise(self, text, **kwargs)

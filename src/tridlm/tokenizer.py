@@ -1,13 +1,18 @@
-"""A thin wrapper over `tokenizers`: text <-> ids, special ids, and the chat template."""
+"""A thin wrapper over `tokenizers`: text <-> ids, special ids (the mask and the FIM sentinels), and the
+chat template."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
 MASK_TOKEN = "<|mask|>"
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<fim_prefix>", "<fim_suffix>", "<fim_middle>"
+FIM_TOKENS = (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)
 
 
 class Tokenizer:
@@ -83,3 +88,28 @@ class Tokenizer:
         special = {k: (v.get("content") if isinstance(v, dict) else v)
                    for k, v in self.config.items() if k.endswith("_token")}
         return tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+
+
+@dataclass(frozen=True)
+class FimTokens:
+    prefix: int
+    suffix: int
+    middle: int
+
+
+def fim_tokens(tokenizer) -> FimTokens | None:
+    """The FIM sentinel ids of a tokenizer, or None when it lacks any of them (not trained for FIM)."""
+    if tokenizer is None:
+        return None
+    ids = [tokenizer.token_to_id(t) for t in FIM_TOKENS]
+    return None if any(i is None for i in ids) else FimTokens(*ids)
+
+
+def add_fim_tokens(tokenizer) -> FimTokens:
+    """Add the FIM sentinels to a `tridlm.Tokenizer` as special tokens (at the end of its vocabulary)."""
+    missing = [t for t in FIM_TOKENS if tokenizer.token_to_id(t) is None]
+    if missing:
+        tokenizer.hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        extra = list(tokenizer.config.get("additional_special_tokens") or [])
+        tokenizer.config["additional_special_tokens"] = extra + [t for t in missing if t not in extra]
+    return fim_tokens(tokenizer)

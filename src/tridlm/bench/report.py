@@ -156,7 +156,7 @@ def _expected_tokens(acc, L: int) -> float:
 
 def _breakeven(cost: dict, L: int) -> float | None:
     """Tokens per cycle at which draft(L) + verify(L) costs what AR pays for the same tokens."""
-    from .cost_profile import CostProfile
+    from ..decoding.block_length import CostProfile
 
     prof = CostProfile.from_dict(cost)
     if 1 not in prof.batch_sizes:

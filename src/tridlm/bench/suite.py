@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 
 from ..convert.smollm2 import smollm2_gguf_path
-from ..machine import machine_info
-from .cost_profile import (
+from ..decoding.block_length import (
     AcceptanceProfile,
     best_block_length,
     cached_cost_profile,
     load_acceptance_profile,
     save_acceptance_profile,
 )
+from ..machine import machine_info
 from .prompts import load_prompts
 from .runner import BenchSettings, ConfigResult, model_in_dtype, run_configs
 
@@ -39,7 +39,7 @@ def load_model(name, device, log: Callable[[str], None] = print):
     converted base) or "default" (the default tri-mode model; the SmolLM2 base when it is not there)."""
     if not isinstance(name, (str, Path)):
         return name.eval(), getattr(name, "path", None)
-    from ..checkpoint import load
+    from ..loader import load
 
     if str(name) == "default":
         try:

@@ -29,7 +29,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default=None, help="a checkpoint folder (default: the embedded default model)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--block-length", type=int, default=None,
-                   help="diffusion/spec block length (default: the model's recorded best)")
+                   help="diffusion/spec block length (default: the default model's recorded best, else the "
+                   "checkpoint's block_size)")
     p.add_argument("--threshold", type=float, default=0.9, help="diffusion commit threshold (default 0.9)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated modes to run")
     p.add_argument("--json", type=Path, default=None, help="also write every answer and metric to this file")
@@ -45,7 +46,8 @@ def _block_length(args, model) -> int:
         return args.block_length
     from tridlm.default_model import recommended_block_length
 
-    return recommended_block_length() if args.model is None else 8
+    # the shipped drafter's measured best for the default model; any other checkpoint's own block size
+    return recommended_block_length(model.config.block_size) if args.model is None else model.config.block_size
 
 
 def run(args) -> int:

@@ -131,8 +131,8 @@ def run_modes(args, log) -> int:
     from pathlib import Path
 
     from tridlm.bench.prompts import load_prompts
-    from tridlm.checkpoint import load
     from tridlm.eval import modes, suite
+    from tridlm.loader import load
     from tridlm.machine import machine_info
 
     prompts = load_prompts(args.prompts or modes.DEFAULT_SET)  # a bad set name fails before loading
@@ -150,7 +150,7 @@ def run_modes(args, log) -> int:
     if L is None:
         from tridlm.default_model import recommended_block_length
 
-        L = recommended_block_length() if args.model == "default" else 8
+        L = recommended_block_length(model.config.block_size) if args.model == "default" else model.config.block_size
     if model.draft_adapter is None:
         base = model
     elif args.model == "default":

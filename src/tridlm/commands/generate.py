@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 
-from tridlm.decoding.params import MODES, POLICIES
-
 HELP = """\
 Modes: ar (one token per forward), diffusion (block denoising over a prefix cache), spec (linear
 self-speculation: a diffusion draft, then a causal verify pass; identical to ar at temperature 0),
@@ -25,26 +23,32 @@ def _block_length(value: str):
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
 
 
+# the GenerationParams fields the CLI offers and how argparse reads each; defaults, ranges and help
+# text are the fields' own (tridlm.decoding.params)
+CLI_PARAMS = {"mode": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int,
+              "stop": "repeat", "ignore_eos": "flag", "block_length": _block_length, "threshold": float,
+              "steps": int, "selection_policy": str}
+
+
+def add_param_args(p: argparse.ArgumentParser, names=tuple(CLI_PARAMS), **defaults) -> None:
+    """`--name` options for these GenerationParams fields; `defaults` overrides a field's default."""
+    from tridlm.decoding.params import GenerationParams
+
+    for name in names:
+        d, kind, flag = GenerationParams.declared(name), CLI_PARAMS[name], "--" + name.replace("_", "-")
+        default = defaults.get(name, d["default"])
+        if kind == "flag":
+            p.add_argument(flag, action="store_true", help=d["help"])
+        elif kind == "repeat":
+            p.add_argument(flag, action="append", default=[], metavar="TEXT", help=d["help"] + " (repeatable)")
+        else:
+            shown = "" if default is None else f" (default {default})"
+            p.add_argument(flag, type=kind, default=default, help=d["help"] + shown)
+
+
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a tridlm checkpoint folder, or 'default' (the embedded model)")
-    p.add_argument("--mode", default="ar", help=f"decoding mode: {', '.join(MODES)} (default ar)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible output)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when the text contains TEXT (repeatable); the output ends before it")
-    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
-    p.add_argument("--block-length", type=_block_length, default=32,
-                   help="diffusion/spec block length, or 'auto' (picked from measured profiles; default 32)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="diffusion: commit threshold (default 0.9); spec: 0 = one-pass draft (default), "
-                        ">0 = threshold passes")
-    p.add_argument("--steps", type=int, default=None, help="denoise passes per block at most (default: "
-                   "block length)")
-    p.add_argument("--selection-policy", default="confidence_threshold",
-                   help=f"diffusion commit policy: {', '.join(POLICIES)}")
+    add_param_args(p)
     p.add_argument("--stream", action="store_true", help="print text as it becomes final")
     p.add_argument("--json", action="store_true", help="print the result and metrics as JSON")
     add_load_args(p)
@@ -86,8 +90,9 @@ def load_model(args, params: dict):
     """Validate the parameters against the checkpoint's config, then load it (no forward runs)."""
     import torch
 
-    from tridlm.checkpoint import load, read_config
-    from tridlm.decoding.params import GenerationParams
+    from tridlm.checkpoint import read_config
+    from tridlm.decoding.params import AUTO, GenerationParams
+    from tridlm.loader import load
 
     folder, adapter = args.model, not args.no_draft_adapter
     if args.model == "default":  # the embedded default model: cached SmolLM2 base + the shipped drafter
@@ -95,11 +100,12 @@ def load_model(args, params: dict):
 
         folder, default_adapter = default_model_paths()
         adapter = default_adapter if adapter else False
-    checked = dict(params, block_length=1) if params.get("block_length") == "auto" else params
-    GenerationParams(mode=args.mode, **checked).resolve(read_config(folder))
+    auto = params.get("block_length") == AUTO
+    checked = dict(params, block_length=1) if auto else params  # "auto" is measured once the model is loaded
+    resolved = GenerationParams(mode=args.mode, **checked).resolve(read_config(folder))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load(folder, draft_adapter=adapter).to(device).eval()
-    return prepared(model, args, params.get("block_length"))
+    return prepared(model, args, AUTO if auto else resolved.block_length)
 
 
 def prepared(model, args, block_length=None):

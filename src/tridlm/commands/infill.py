@@ -7,7 +7,7 @@ import json
 import re
 import sys
 
-from .generate import add_load_args
+from .generate import add_load_args, add_param_args
 
 HELP = """\
 The text comes as TEMPLATE (or stdin when omitted or '-') holding one or more hole markers (default
@@ -51,7 +51,7 @@ def add_parser(subparsers) -> None:
                    "(default: the model's block size)")
     p.add_argument("--candidates", type=int, default=4, help="rank: candidates; block: lengths tried for a "
                    "variable hole (default 4)")
-    p.add_argument("--block-length", type=int, default=32, help="block length of an inner diffusion/spec row")
+    add_param_args(p, ("block_length",))
     p.set_defaults(func=run)
 
 
@@ -59,8 +59,8 @@ def load_model(args):
     """The model named on the command line ('default': the default model)."""
     import torch
 
-    from tridlm.checkpoint import load
     from tridlm.commands.generate import prepared
+    from tridlm.loader import load
 
     if args.model == "default":
         from tridlm.default_model import default_model

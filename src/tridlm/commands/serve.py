@@ -61,8 +61,8 @@ def _default_model_path():
 def build_app(args):
     import torch
 
-    from tridlm.checkpoint import load
     from tridlm.commands.generate import prepared
+    from tridlm.loader import load
     from tridlm.server import EngineConfig, Limits, ServerConfig, create_app
 
     adapter = not args.no_draft_adapter

@@ -58,7 +58,7 @@ def model_config(cfg: dict, source: Path) -> ModelConfig:
 
 def check_shapes(imp: Imported) -> None:
     """Compare the source's tensor shapes with those its config implies, before reading any weight."""
-    from ..checkpoint import expected_shapes
+    from ..loader import expected_shapes
 
     cfg = dict(imp.config, mask_token_id=0)
     expected = expected_shapes(model_config(cfg, imp.source))

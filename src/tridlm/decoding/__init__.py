@@ -24,11 +24,11 @@ from .batch import DecodeBatch
 from .diffusion import Diffusion
 from .metrics import CallMetrics, RowMetrics
 from .params import MODES, POLICIES, GenerationError, GenerationParams
-from .row import Mode, Plan, Row
+from .row import MODE_CLASSES, Mode, Plan, Row
 from .spec import Spec
 from .spec_quadratic import SpecQuadratic
 
-MODE_CLASSES: dict[str, Mode] = {m.name: m for m in (AR(), Diffusion(), Spec(), SpecQuadratic())}
+MODE_CLASSES.update({m.name: m for m in (AR(), Diffusion(), Spec(), SpecQuadratic())})
 
 __all__ = ["AR", "CallMetrics", "DecodeBatch", "Diffusion", "GenerationError", "GenerationParams", "MODES",
            "MODE_CLASSES", "Mode", "POLICIES", "Plan", "Row", "RowMetrics", "Spec", "SpecQuadratic"]

@@ -14,65 +14,82 @@ class GenerationError(ValueError):
     """Invalid generation parameters or prompt (raised before the model runs)."""
 
 
+AUTO = "auto"  # block_length chosen from this machine's measured cost and the drafter's acceptance
+
+
+def knob(default, help: str, rule: str | None = None, ok=None, label: str | None = None, choices=None):
+    """One generation parameter's declaration: its default, help text and range, read by `resolve` (the
+    check), the CLI (argparse options) and the server (request fields). `ok(value)` tells a value in
+    range; `rule` says the range in words ("be an integer >= 1"); `label` names it in errors."""
+    return dataclasses.field(default=default, metadata={"help": help, "rule": rule, "ok": ok, "label": label,
+                                                        "choices": choices})
+
+
+def _int_at_least(n: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= n
+
+
 @dataclass
 class GenerationParams:
-    """Everything one row needs to decode; `resolve` fills model-dependent defaults and checks ranges.
+    """Everything one row needs to decode; `resolve` fills model-dependent defaults and checks ranges,
+    each field's as declared here (`knob`)."""
 
-    threshold: diffusion -- commit every masked position whose score reaches it (the best one always
-        commits); spec -- 0 drafts the block in one pass, > 0 drafts it in threshold passes.
-    steps: at most this many denoise passes per block (default block_length); the count committed per
-        pass never falls below what finishing the block within `steps` needs.
-    """
+    mode: str = knob("ar", f"decoding mode: {', '.join(MODES)}", choices=MODES)
+    max_new_tokens: int = knob(128, "tokens to generate at most", "be an integer >= 0", _int_at_least(0))
+    temperature: float = knob(0.0, "0 = greedy", "be >= 0", lambda v: v is not None and v >= 0)
+    top_k: int = knob(0, "sample among the k likeliest tokens (0 = off)", "be >= 0 (0 = off)",
+                      lambda v: v >= 0)
+    top_p: float = knob(1.0, "nucleus sampling mass (1 = off)", "lie in (0, 1]", lambda v: 0.0 < v <= 1.0)
+    seed: int | None = knob(None, "seed of the sampler (reproducible output)")
+    stop: tuple[str, ...] = knob((), "stop when the text contains TEXT; the output ends before it")
+    eos_token_id: int | None = knob(None, "the end-of-sequence token (default: the model's)")
+    stop_token_ids: tuple[int, ...] = knob((), "more tokens that end a row (e.g. a chat end-of-turn)")
+    ignore_eos: bool = knob(False, "do not stop at the end-of-sequence token")
+    block_length: int | str | None = knob(
+        None, f"diffusion/spec block length, or '{AUTO}' (picked from this machine's measured forward costs "
+        "and the drafter's acceptance); default: the checkpoint's block_size",
+        "be an integer >= 1", _int_at_least(1))
+    threshold: float | None = knob(
+        None, "diffusion: commit every masked position whose score reaches it (the best one always commits; "
+        "default 0.9); spec: 0 drafts the block in one pass (default), > 0 in threshold passes",
+        "lie in [0, 1]", lambda v: 0.0 <= float(v) <= 1.0)
+    steps: int | None = knob(None, "denoise passes per block at most (default: the block length); the count "
+                             "committed per pass never falls below what finishing the block within steps needs",
+                             "be an integer >= 1", _int_at_least(1), label="steps (denoise passes per block)")
+    selection_policy: str = knob("confidence_threshold", f"diffusion commit policy: {', '.join(POLICIES)}",
+                                 choices=POLICIES)
 
-    mode: str = "ar"
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    eos_token_id: int | None = None  # default: the model's
-    stop_token_ids: tuple[int, ...] = ()  # more tokens that end a row (e.g. a chat end-of-turn)
-    ignore_eos: bool = False
-    block_length: int = 32
-    threshold: float | None = None  # default per mode (DEFAULT_THRESHOLD)
-    steps: int | None = None  # default: block_length
-    selection_policy: str = "confidence_threshold"
+    @staticmethod
+    def declared(name: str) -> dict:
+        """A field's declaration: default, help, rule, ok, label, choices."""
+        f = GenerationParams.__dataclass_fields__[name]
+        return {"default": f.default, **f.metadata}
 
     def replace(self, **kw) -> GenerationParams:
         return dataclasses.replace(self, **kw)
 
-    def resolve(self, config, prompt_lengths=()) -> GenerationParams:
-        """Check every parameter against `config` (a ModelConfig) and the prompts; fill defaults."""
+    def resolve(self, config, prompt_lengths=(), auto_block_length=None) -> GenerationParams:
+        """Check every parameter against `config` (a ModelConfig) and the prompts, and fill the defaults:
+        the block length is the checkpoint's `block_size` unless given; "auto" calls `auto_block_length()`
+        (it measures, so only after everything else has been checked)."""
         p = dataclasses.replace(self)
         if p.mode not in MODES:
             raise GenerationError(f"unknown mode {p.mode!r}; choose one of {', '.join(MODES)}")
-        if not isinstance(p.block_length, int) or p.block_length < 1:
-            raise GenerationError(f"block_length must be an integer >= 1, got {p.block_length!r}")
+        if p.block_length is None:
+            p.block_length = config.block_size
         if p.threshold is None:
             p.threshold = DEFAULT_THRESHOLD[p.mode]
-        if not 0.0 <= float(p.threshold) <= 1.0:
-            raise GenerationError(f"threshold must lie in [0, 1], got {p.threshold!r}")
-        if p.steps is None:
-            p.steps = p.block_length
-        if not isinstance(p.steps, int) or p.steps < 1:
-            raise GenerationError(f"steps (denoise passes per block) must be an integer >= 1, "
-                                  f"got {p.steps!r}")
+        for name in ("threshold", "max_new_tokens", "temperature"):
+            p._check(name)
+        if p.steps is not None:
+            p._check("steps")
         if p.selection_policy not in POLICIES:
             raise GenerationError(f"unknown selection_policy {p.selection_policy!r}; choose one of "
                                   f"{', '.join(POLICIES)}")
-        if not isinstance(p.max_new_tokens, int) or p.max_new_tokens < 0:
-            raise GenerationError(f"max_new_tokens must be an integer >= 0, got {p.max_new_tokens!r}")
-        if p.temperature is None or p.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, got {p.temperature!r}")
-        if p.top_k is None:
-            p.top_k = 0
-        if p.top_k < 0:
-            raise GenerationError(f"top_k must be >= 0 (0 = off), got {p.top_k!r}")
-        if p.top_p is None:
-            p.top_p = 1.0
-        if not 0.0 < p.top_p <= 1.0:
-            raise GenerationError(f"top_p must lie in (0, 1], got {p.top_p!r}")
+        p.top_k = 0 if p.top_k is None else p.top_k
+        p.top_p = 1.0 if p.top_p is None else p.top_p
+        p._check("top_k")
+        p._check("top_p")
         if isinstance(p.stop, str):
             p.stop = (p.stop,)
         p.stop = tuple(s for s in (p.stop or ()) if s)
@@ -91,4 +108,19 @@ class GenerationParams:
             if n > window:
                 raise GenerationError(f"prompt {i} has {n} tokens, longer than the context window "
                                       f"({window} positions)")
+        if p.block_length == AUTO and auto_block_length is not None:
+            p.block_length = auto_block_length()
+        p._check("block_length")
+        if p.steps is None:
+            p.steps = p.block_length
         return p
+
+    def _check(self, name: str) -> None:
+        d = self.declared(name)
+        value = getattr(self, name)
+        try:
+            fine = d["ok"](value)
+        except (TypeError, ValueError):
+            fine = False
+        if not fine:
+            raise GenerationError(f"{d['label'] or name} must {d['rule']}, got {value!r}")

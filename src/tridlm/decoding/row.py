@@ -47,6 +47,10 @@ class Plan:
         return self.tokens.numel()
 
 
+# the modes by name: filled by tridlm.decoding, which imports them (they import this module)
+MODE_CLASSES: dict[str, Mode] = {}
+
+
 def span(start: int, n: int, device) -> torch.Tensor:
     return torch.arange(start, start + n, device=device)
 
@@ -54,8 +58,6 @@ def span(start: int, n: int, device) -> torch.Tensor:
 class Row:
     def __init__(self, prompt_ids, params: GenerationParams, config, tokenizer=None, seed: int | None = None,
                  device=None):
-        from . import MODE_CLASSES  # the modes import this module
-
         self.prompt = [int(t) for t in prompt_ids]
         self.params = params.resolve(config, [len(self.prompt)])
         self.mode: Mode = MODE_CLASSES[self.params.mode]

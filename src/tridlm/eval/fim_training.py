@@ -15,7 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..training.fim import FimConfig, add_fim_tokens
+from ..tokenizer import add_fim_tokens
+from ..training.fim import FimConfig
 from ..training.trainer import train
 
 RECIPE = {

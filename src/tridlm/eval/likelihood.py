@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..training.fim import fim_tokens
+from ..tokenizer import fim_tokens
 from .tasks import InfillTask
 
 

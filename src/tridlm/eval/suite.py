@@ -7,7 +7,7 @@ import platform
 import time
 from pathlib import Path
 
-from ..training.fim import fim_tokens
+from ..tokenizer import fim_tokens
 from . import report
 from .runner import (
     DEFAULT_REVISION_SETTINGS,
@@ -27,7 +27,7 @@ INFILL_TASKS = HUMANEVAL_KINDS + ("stdlib",)
 def load_model(name: str, log=print):
     """(model, description): a checkpoint folder, "smollm2" (the converted SmolLM2 base) or "default" (the
     default tri-mode model; the SmolLM2 base, said so, when it is not available)."""
-    from ..checkpoint import load
+    from ..loader import load
 
     if name == "default":
         try:

@@ -225,12 +225,12 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
     @app.get("/health")
     async def health():
         s = engine.stats()
-        dead = engine._dead
-        body = {"status": "error" if dead else "ok", "model": config.model_name,
+        failure = engine.failure
+        body = {"status": "error" if failure else "ok", "model": config.model_name,
                 "active_requests": s.active_requests, "running_rows": s.running_rows, "waiting_rows": s.waiting_rows}
-        if dead:
-            body["error"] = dead
-        return JSONResponse(body, status_code=503 if dead else 200)
+        if failure:
+            body["error"] = failure
+        return JSONResponse(body, status_code=503 if failure else 200)
 
     @app.get("/metrics")
     async def metrics():

@@ -29,14 +29,6 @@ class Limits:
     max_prompts: int = 16  # prompts in one completions request
 
 
-def auto_block_length_available() -> bool:
-    try:
-        from ..bench.cost_profile import resolve_auto_block_length  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def generation_params(body: CompletionRequest | ChatCompletionRequest, limits: Limits, max_tokens: int | None,
                       stop_token_ids: tuple[int, ...] = (), extra_stop: tuple[str, ...] = ()) -> GenerationParams:
     mode = body.mode or limits.default_mode
@@ -47,8 +39,6 @@ def generation_params(body: CompletionRequest | ChatCompletionRequest, limits: L
         raise invalid(f"{field} must be <= {limits.max_tokens_cap}, got {max_tokens}", field)
     if (body.n or 1) > limits.max_n:
         raise invalid(f"n must be <= {limits.max_n}, got {body.n}", "n")
-    if body.block_length == AUTO and not auto_block_length_available():
-        raise invalid('block_length "auto" is not available in this build; give an integer', "block_length")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     kw = dict(mode=mode, max_new_tokens=max_tokens or limits.max_tokens_cap,
               temperature=limits.default_temperature if body.temperature is None else body.temperature,

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..decoding.params import POLICIES
+from ..decoding.params import AUTO, POLICIES, GenerationParams
 
 Policy = Literal[POLICIES]  # type: ignore[valid-type]
+KNOBS = ("block_length", "threshold", "steps", "top_k")  # ranges and help as GenerationParams declares them
+
+
+def _knob(name: str):
+    return Field(default=None, description=GenerationParams.declared(name)["help"])
 
 
 class StreamOptions(BaseModel):
@@ -41,12 +46,20 @@ class _Common(BaseModel):
     logprobs: Any = None
     # tridlm's knobs
     mode: str | None = None
-    block_length: int | Literal["auto"] | None = None
-    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    steps: int | None = Field(default=None, ge=1)
+    block_length: int | Literal["auto"] | None = _knob("block_length")
+    threshold: float | None = _knob("threshold")
+    steps: int | None = _knob("steps")
     selection_policy: Policy | None = None
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = _knob("top_k")
     ignore_eos: bool | None = None
+
+    @field_validator(*KNOBS)
+    @classmethod
+    def _in_range(cls, value, info):
+        declared = GenerationParams.declared(info.field_name)
+        if value is not None and value != AUTO and not declared["ok"](value):
+            raise ValueError(f"{info.field_name} must {declared['rule']}, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _neutral(self):
@@ -57,8 +70,6 @@ class _Common(BaseModel):
             raise ValueError("logit_bias is not supported")
         if self.logprobs not in (None, False, 0):
             raise ValueError("logprobs is not supported")
-        if isinstance(self.block_length, int) and self.block_length < 1:
-            raise ValueError(f"block_length must be an integer >= 1 or \"auto\", got {self.block_length}")
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError("stop takes at most 4 sequences")
         return self

@@ -23,10 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..tokenizer import FimTokens
 from .objective import EPS, Noise
-
-FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<fim_prefix>", "<fim_suffix>", "<fim_middle>"
-FIM_TOKENS = (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)
 
 
 @dataclass
@@ -45,33 +43,6 @@ class FimConfig:
     @property
     def enabled(self) -> bool:
         return self.fim_rate > 0 or self.hole_rate > 0
-
-
-@dataclass(frozen=True)
-class FimTokens:
-    prefix: int
-    suffix: int
-    middle: int
-
-
-def fim_tokens(tokenizer) -> FimTokens | None:
-    """The FIM sentinel ids of a tokenizer, or None when it lacks any of them (not trained for FIM)."""
-    if tokenizer is None:
-        return None
-    ids = [tokenizer.token_to_id(t) for t in FIM_TOKENS]
-    return None if any(i is None for i in ids) else FimTokens(*ids)
-
-
-def add_fim_tokens(tokenizer) -> FimTokens:
-    """Add the FIM sentinels to a `tridlm.Tokenizer` as special tokens (at the end of its vocabulary)."""
-    from tokenizers import AddedToken
-
-    missing = [t for t in FIM_TOKENS if tokenizer.token_to_id(t) is None]
-    if missing:
-        tokenizer.hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-        extra = list(tokenizer.config.get("additional_special_tokens") or [])
-        tokenizer.config["additional_special_tokens"] = extra + [t for t in missing if t not in extra]
-    return fim_tokens(tokenizer)
 
 
 def sample_generator(seed: int, step: int, sample_index: int, salt: str = "fim") -> torch.Generator:
@@ -167,7 +138,7 @@ def transform_batch(input_ids: torch.Tensor, loss_mask: torch.Tensor, noise: Noi
         return input_ids, loss_mask, noise
     if cfg.fim_rate > 0 and tokens is None:
         raise ValueError("fim_rate > 0 needs the FIM tokens <fim_prefix>, <fim_suffix>, <fim_middle> in the "
-                         "tokenizer (tridlm.training.fim.add_fim_tokens adds them)")
+                         "tokenizer (tridlm.tokenizer.add_fim_tokens adds them)")
     ids, lm = input_ids.clone(), loss_mask.clone()
     ts = us = None
     if noise is not None:

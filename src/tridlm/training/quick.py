@@ -11,7 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..checkpoint import load, save
+from ..checkpoint import save
+from ..loader import load
 from ..model import TriModeLM
 from ..tokenizer import Tokenizer
 from .recipe import load_recipe

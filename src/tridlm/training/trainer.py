@@ -27,14 +27,15 @@ from pathlib import Path
 import torch
 
 from .. import lora
-from ..checkpoint import CheckpointError, atomic_folder_write, load
+from ..checkpoint import CheckpointError, atomic_folder_write
 from ..config import ModelConfig, RopeParameters
+from ..loader import load
 from ..model import TriModeLM
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, fim_tokens
 from . import distributed, state
 from .bpe import train_bpe
 from .corpora import resolve_source, split_documents
-from .fim import FimConfig, fim_tokens, transform_batch
+from .fim import FimConfig, transform_batch
 from .metrics import MetricsLog, plot_losses
 from .objective import LossSums, contributing_tokens, corrupt, draw_noise, joint_loss_sums
 from .packing import build_split, open_split
@@ -143,7 +144,7 @@ class Trainer:
             if r.objective.fim_rate > 0 and fim_tokens(tok) is None:  # before any data is packed
                 raise RecipeError("objective.fim_rate > 0 needs the tokens <fim_prefix>, <fim_suffix>, <fim_middle> "
                                   "in the tokenizer, which lacks them: set objective.fim_rate: 0 or use a tokenizer "
-                                  "that has them (tridlm.training.fim.add_fim_tokens)")
+                                  "that has them (tridlm.tokenizer.add_fim_tokens)")
             build_split(data_dir, "train", train_docs, tok, r.data.seq_len)
             build_split(data_dir, "val", val_docs, tok, r.data.seq_len)
         d.barrier()

@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import random_model
 
-from tridlm.bench.cost_profile import (
+from tridlm.decoding.block_length import (
     AcceptanceProfile,
     CostProfile,
     best_block_length,

@@ -1,0 +1,33 @@
+"""The serving engine: many requests, any modes, decoded together by one worker thread.
+
+One thread owns the model and one `DecodeBatch`. Between two steps it drops cancelled requests
+(freeing their cache rows) and admits waiting ones, so requests join and leave continuously; each
+row computes what it would alone (the batch contract), so a request's greedy output does not depend
+on what else runs -- up to near ties: a batch is a wider forward whose kernels round differently, so
+at a position whose top-2 logit gap is below the error bound of `tridlm.numerics` (README, "What is
+exact") a request may get the other of two near-equal tokens. Output goes to each request's own
+event queue as soon as the row makes it final (an asyncio queue fed with `call_soon_threadsafe`, or a
+plain thread-safe queue).
+
+    engine = Engine(model, tokenizer, EngineConfig(max_running=16))
+    req = engine.submit([prompt_ids], GenerationParams(mode="auto", max_new_tokens=64))
+    for event in req.iter_events():   # or `async for event in req.events()` with submit(loop=...)
+        ...                            # Delta(index, text, ids) | Finished(index, reason, metrics) | Failed
+    engine.close()
+
+`mode="auto"` is decided at submission from the load (rows running or waiting) and from the acceptance
+self-speculation has had on this server; `block_length="auto"` is resolved once, in the worker thread
+(it times forwards), by `tridlm.generate.auto_block_length`.
+
+The parts: `request` (a request, its events, its cancellation), `scheduler` (the waiting and running
+queues, admission, the mode "auto" policy), `runner` (steps the batch, delivers the rows' output),
+`stats` (counters and gauges), and `engine` (the `Engine` that wires them, and its worker thread).
+"""
+
+from .engine import Engine
+from .request import AUTO, Delta, Failed, Finished, Request
+from .scheduler import EngineClosed, EngineConfig, QueueFull
+from .stats import ACCEPTANCE_BUCKETS, LATENCY_BUCKETS, EngineStats, Histogram
+
+__all__ = ["ACCEPTANCE_BUCKETS", "AUTO", "LATENCY_BUCKETS", "Delta", "Engine", "EngineClosed", "EngineConfig",
+           "EngineStats", "Failed", "Finished", "Histogram", "QueueFull", "Request"]

@@ -1,0 +1,121 @@
+"""`Engine`: takes requests from any thread and decodes them in one worker thread that owns the model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import torch
+
+from ..decoding import GenerationParams
+from .request import AUTO, Request, build_rows, check_shape
+from .runner import Runner
+from .scheduler import EngineConfig, Scheduler
+from .stats import EngineStats
+
+log = logging.getLogger("tridlm.engine")
+
+# block_length used to validate a request whose block length is resolved later ("auto")
+_PLACEHOLDER_BLOCK = 32
+
+
+class Engine:
+    """Wires the scheduler (who waits, who runs), the runner (the batch) and the stats, and runs the worker."""
+
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, start: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        self.config = config or EngineConfig()
+        self.scheduler = Scheduler(self.config, EngineStats())
+        self.runner = Runner(model, self.scheduler)
+        self._thread: threading.Thread | None = None
+        if start:
+            self.start()
+
+    # -- control ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tridlm-engine", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the worker; requests still running or waiting get a Failed event."""
+        self.scheduler.stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.scheduler.fail_everyone("the server is shutting down")
+
+    def pause(self) -> None:
+        """Hold admission and stepping (cancellations still apply) until resume()."""
+        self.scheduler.set_paused(True)
+
+    def resume(self) -> None:
+        self.scheduler.set_paused(False)
+
+    # -- state ----------------------------------------------------------------------------------------------
+    @property
+    def load(self) -> int:
+        """Rows running or waiting (what mode="auto" looks at)."""
+        return self.scheduler.load
+
+    @property
+    def failure(self) -> str | None:
+        """Why the worker thread died, or None while it serves; once set, submit() raises EngineClosed."""
+        with self.scheduler.lock:
+            return self.scheduler.failure
+
+    def stats(self) -> EngineStats:
+        """A consistent copy of the counters and gauges."""
+        with self.scheduler.lock:
+            return self.scheduler.stats.copy()
+
+    # -- submission --------------------------------------------------------------------------------------
+    def choose_mode(self, load: int) -> str:
+        """mode="auto": speculate while the load is light and speculation has been paying off."""
+        return self.scheduler.choose_mode(load)
+
+    def submit(self, prompts: list[list[int]], params: GenerationParams, n: int = 1,
+               loop: asyncio.AbstractEventLoop | None = None, build_row=None) -> Request:
+        """Validate and queue one request: len(prompts) x n rows, row i seeded with params.seed + i.
+
+        build_row(prompt, params, seed) -> Row makes the rows of requests that are not plain
+        continuations (an infill with a suffix, a revision); by default each row continues its prompt.
+
+        Raises GenerationError (bad parameters or prompt), QueueFull, or EngineClosed; never blocks.
+        """
+        check_shape(prompts, n, self.config.max_running, self.model.config.vocab_size)
+        auto_block = params.block_length == AUTO
+        auto_mode = params.mode == AUTO
+        mode = self.choose_mode(self.load) if auto_mode else params.mode
+        block = _PLACEHOLDER_BLOCK if auto_block else params.block_length
+        if auto_block and self.runner.auto_block is not None:
+            block, auto_block = self.runner.auto_block, False
+        params = params.replace(mode=mode)
+
+        def rows_for(block_length: int):
+            return build_rows(self.model, self.tokenizer, prompts, params.replace(block_length=block_length), n,
+                              build_row)
+
+        rows = rows_for(block)  # validates before queueing
+        # with block_length="auto" the rows are rebuilt with the resolved length on admission (steps default to it)
+        req = Request(rows, mode, AUTO if auto_block else block, auto_mode, loop, on_cancel=self.scheduler.cancel,
+                      rebuild_rows=rows_for if auto_block else None)
+        self.scheduler.enqueue(req)
+        return req
+
+    # -- the worker ----------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    admitted = self.scheduler.next_work(self.runner.batch)
+                    if admitted is None:
+                        return
+                    for req in admitted:
+                        self.runner.admit(req)
+                    if not self.runner.batch.done:
+                        self.runner.step()
+        except BaseException as e:  # a bug in the loop itself: fail everyone rather than hang them
+            log.exception("engine worker died")
+            self.scheduler.worker_died(f"the decoding engine stopped: {e}")

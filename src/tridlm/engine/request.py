@@ -1,0 +1,128 @@
+"""One request as the engine holds it: its rows, the events it receives, and how it is cancelled.
+
+The caller reads a request's events (`events()` with an asyncio loop, `iter_events()` without) and may
+`cancel()` it; the engine fills it with `send` and `finished_rows` from its worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..decoding import GenerationError, GenerationParams, Row, RowMetrics
+
+AUTO = "auto"  # mode or block_length: the engine decides
+
+
+# -- events a request receives --------------------------------------------------------------------
+@dataclass
+class Delta:
+    index: int  # which row (choice) of the request
+    text: str
+    ids: list[int]
+
+
+@dataclass
+class Finished:
+    index: int
+    reason: str  # "eos" | "length" | "stop"
+    metrics: RowMetrics
+
+
+@dataclass
+class Failed:
+    message: str
+    reason: str = "error"  # "error" (decoding failed) | "closed" (engine stopping) | "cancelled"
+
+
+_ids = itertools.count(1)
+
+
+class Request:
+    """A submitted request: its rows (one per prompt x n), the mode it runs in, and its event queue."""
+
+    def __init__(self, rows: list[Row], mode: str, block_length: int | str, auto_mode: bool,
+                 loop: asyncio.AbstractEventLoop | None, on_cancel: Callable[[Request], None],
+                 rebuild_rows: Callable[[int], list[Row]] | None = None):
+        self.id = next(_ids)
+        self.rows = rows
+        self.mode = mode
+        self.block_length = block_length  # an int once admitted ("auto" until then)
+        self.auto_mode = auto_mode
+        self.submitted = time.perf_counter()
+        self.first_token: float | None = None
+        self.rebuild_rows = rebuild_rows  # block length -> rows, for block_length="auto"
+        self.done = False  # every row finished, or cancelled, or failed
+        self.cancelled = False
+        self.finished_rows: set[int] = set()  # rows whose Finished event went out
+        self._on_cancel = on_cancel
+        self._loop = loop
+        self._queue: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
+
+    def cancel(self) -> None:
+        """Stop decoding this request and free its cache rows (takes effect before the next step)."""
+        self._on_cancel(self)
+
+    def send(self, event) -> None:
+        """Hand an event to whoever reads this request; safe from any thread."""
+        if self._loop is None:
+            self._queue.put(event)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody listens
+            pass
+
+    async def events(self):
+        """Events until every row has finished (or a Failed); needs `submit(..., loop=...)`."""
+        left = len(self.rows)
+        while left:
+            event = await self._queue.get()
+            yield event
+            if isinstance(event, Failed):
+                return
+            left -= isinstance(event, Finished)
+
+    def iter_events(self, timeout: float | None = None):
+        """The same, blocking (for a request submitted without a loop)."""
+        left = len(self.rows)
+        while left:
+            event = self._queue.get(timeout=timeout)
+            yield event
+            if isinstance(event, Failed):
+                return
+            left -= isinstance(event, Finished)
+
+
+def check_shape(prompts: list[list[int]], n: int, max_rows: int, vocab_size: int) -> None:
+    """Refuse, before any row is built, what the batch could never run: too many rows, or a token id outside
+    the vocabulary (which would fail the forward of every row beside it)."""
+    if not isinstance(n, int) or n < 1:
+        raise GenerationError(f"n must be an integer >= 1, got {n!r}")
+    total = len(prompts) * n
+    if total > max_rows:
+        raise GenerationError(f"n x prompts = {total} rows, more than the {max_rows} this server decodes at once")
+    for i, p in enumerate(prompts):
+        bad = next((t for t in p if not isinstance(t, int) or not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise GenerationError(f"prompt {i} holds token id {bad!r}, outside the vocabulary (0..{vocab_size - 1})")
+
+
+def build_rows(model, tokenizer, prompts: list[list[int]], params: GenerationParams, n: int,
+               build_row=None) -> list[Row]:
+    """len(prompts) x n rows, row i seeded with params.seed + i; building a row validates its parameters.
+
+    build_row(prompt, params, seed) -> Row makes rows that are not plain continuations (an infill, a revision).
+    """
+    rows = []
+    for i in range(len(prompts) * n):
+        seed = None if params.seed is None else params.seed + i
+        if build_row is not None:
+            rows.append(build_row(prompts[i // n], params, seed))
+        else:
+            rows.append(Row(prompts[i // n], params, model.config, tokenizer, seed=seed, device=model.device))
+    return rows

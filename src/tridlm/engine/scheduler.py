@@ -1,0 +1,218 @@
+"""Who waits and who runs: admission into the batch's free rows, cancellation, the end of each request,
+and the choice mode="auto" makes.
+
+One lock (a condition the worker thread sleeps on) guards the queues and the stats; every method here
+takes it, so the submitting threads and the worker can call them freely.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..decoding.params import MODES
+from .request import Failed, Request
+from .stats import EngineStats
+
+if TYPE_CHECKING:
+    from ..decoding import DecodeBatch, Row
+
+
+@dataclass
+class EngineConfig:
+    max_running: int = 16  # rows decoded together in one batch
+    max_queue: int = 64  # rows that may wait for a batch slot; beyond it submit() raises QueueFull
+    auto_spec_below: int = 4  # mode "auto": `auto_light` while fewer rows are active than this
+    auto_light: str = "spec"  # few rows: one row's forwards are cheap, speculation buys latency
+    auto_heavy: str = "ar"  # many rows: the batch is compute-bound, extra draft tokens cost throughput
+    # ... unless the model's drafts are rarely accepted: once `auto_probe` verifications were seen, a mean
+    # acceptance below this (2 = a draft+verify cycle makes no more tokens than two AR steps) means AR always
+    auto_min_acceptance: float = 2.0
+    auto_probe: int = 32
+
+    def __post_init__(self):
+        if self.max_running < 1 or self.max_queue < 0 or self.auto_spec_below < 0 or self.auto_probe < 1:
+            raise ValueError("max_running and auto_probe must be >= 1, max_queue and auto_spec_below >= 0")
+        for m in (self.auto_light, self.auto_heavy):
+            if m not in MODES:
+                raise ValueError(f"auto mode choice {m!r} is not one of {', '.join(MODES)}")
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue has no room for the request's rows."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine is shut down (or its worker died) and takes no more requests."""
+
+
+class Scheduler:
+    """The waiting queue (FIFO, no overtaking), the running requests, and the cancellations not yet applied."""
+
+    def __init__(self, config: EngineConfig, stats: EngineStats):
+        self.config = config
+        self.stats = stats
+        self.lock = threading.Condition()  # reentrant: methods here call each other holding it
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.cancels: list[Request] = []
+        self.paused = False
+        self.closing = False
+        self.failure: str | None = None  # why the worker died; then no request is taken
+
+    # -- the policy -----------------------------------------------------------------------------------
+    @property
+    def load(self) -> int:
+        """Rows running or waiting."""
+        with self.lock:
+            return self.stats.running_rows + self.stats.waiting_rows
+
+    def choose_mode(self, load: int) -> str:
+        """mode="auto": speculate while the load is light and speculation has been paying off."""
+        c = self.config
+        if load >= c.auto_spec_below:
+            return c.auto_heavy
+        with self.lock:
+            seen = self.stats.acceptance.get(c.auto_light)
+            if seen is not None and seen.count >= c.auto_probe and seen.total / seen.count < c.auto_min_acceptance:
+                return c.auto_heavy
+        return c.auto_light
+
+    # -- from the submitting threads ------------------------------------------------------------------
+    def enqueue(self, req: Request) -> None:
+        """Queue a validated request, or raise EngineClosed / QueueFull."""
+        with self.lock:
+            if self.closing or self.failure:
+                raise EngineClosed(self.failure or "the engine is shut down")
+            s, c = self.stats, self.config
+            # rows beyond the batch's free slots (after those already waiting) must fit in the queue
+            if s.waiting_rows + len(req.rows) - max(0, c.max_running - s.running_rows) > c.max_queue:
+                s.requests["rejected"] += 1
+                raise QueueFull(f"the request queue is full ({c.max_queue} rows waiting); retry later")
+            if req.auto_mode:
+                s.auto_choices[req.mode] += 1
+            self.waiting.append(req)
+            s.active_requests += 1
+            self._update_gauges()
+            self.lock.notify_all()
+
+    def cancel(self, req: Request) -> None:
+        """Mark `req` cancelled; the worker drops it before its next step."""
+        with self.lock:
+            if not req.done and not req.cancelled:
+                req.cancelled = True
+                self.cancels.append(req)
+                self.lock.notify_all()
+
+    def set_paused(self, paused: bool) -> None:
+        with self.lock:
+            self.paused = paused
+            self.lock.notify_all()
+
+    def stop(self) -> None:
+        """Ask the worker to return (at its next look at the queues)."""
+        with self.lock:
+            self.closing = True
+            self.lock.notify_all()
+
+    # -- from the worker thread -----------------------------------------------------------------------
+    def next_work(self, batch: DecodeBatch) -> list[Request] | None:
+        """Wait for work, apply cancellations, move the waiting requests that fit into running; None = stop."""
+        with self.lock:
+            while True:
+                if self.closing:
+                    return None
+                if self.cancels:
+                    self._apply_cancels(batch)
+                if not self.paused and (self.waiting or not batch.done):
+                    break
+                self.lock.wait()
+            admitted = []
+            free = self.config.max_running - len(batch.rows)
+            while self.waiting and len(self.waiting[0].rows) <= free:
+                req = self.waiting.popleft()
+                free -= len(req.rows)
+                self.running.append(req)
+                admitted.append(req)
+                self.stats.queue_wait.observe(time.perf_counter() - req.submitted)
+            self._update_gauges()
+            return admitted
+
+    def count_row(self, req: Request, row: Row) -> None:
+        with self.lock:
+            self.stats.count_row(req.mode, row.metrics)
+
+    def count_forward(self, rows: int) -> None:
+        with self.lock:
+            self.stats.count_forward(rows)
+
+    def finish(self, req: Request) -> None:
+        """Every row of `req` finished (their events went out)."""
+        with self.lock:
+            if req in self.running:
+                self.running.remove(req)
+            self._end(req, None, "finished")
+            self._update_gauges()
+
+    def fail(self, req: Request, message: str) -> None:
+        """`req` could not run; the others go on."""
+        with self.lock:
+            if req in self.running:
+                self.running.remove(req)
+            self._end(req, Failed(message), "failed")
+            self._update_gauges()
+
+    def fail_running(self, message: str) -> None:
+        """A step failed: every running request fails with it (waiting ones stay queued)."""
+        with self.lock:
+            for req in list(self.running):
+                self._end(req, Failed(message), "failed")
+            self.running.clear()
+            self._update_gauges()
+
+    def fail_everyone(self, message: str) -> None:
+        """The engine stops: every request still running or waiting gets a "closed" Failed."""
+        with self.lock:
+            for req in list(self.running) + list(self.waiting):
+                self._end(req, Failed(message, "closed"), "failed")
+            self.running.clear()
+            self.waiting.clear()
+            self._update_gauges()
+
+    def worker_died(self, message: str) -> None:
+        """Refuse new requests from now on and fail the ones there are, all with `message`."""
+        with self.lock:
+            self.failure = message
+            self.fail_everyone(message)
+
+    # -- bookkeeping (the lock is held) ---------------------------------------------------------------
+    def _apply_cancels(self, batch: DecodeBatch) -> None:
+        for req in self.cancels:
+            if req.done:
+                continue
+            batch.remove(*req.rows)  # frees the rows' cache entries
+            if req in self.running:
+                self.running.remove(req)
+            elif req in self.waiting:
+                self.waiting.remove(req)
+            for i, r in enumerate(req.rows):
+                if i not in req.finished_rows:
+                    self.stats.count_row(req.mode, r.metrics)
+            self._end(req, Failed("the request was cancelled", "cancelled"), "cancelled")
+        self.cancels.clear()
+        self._update_gauges()
+
+    def _end(self, req: Request, event, outcome: str) -> None:
+        if req.done:
+            return
+        req.done = True
+        self.stats.count_end(req.mode, outcome, req.submitted, req.first_token)
+        if event is not None:
+            req.send(event)
+
+    def _update_gauges(self) -> None:
+        self.stats.running_rows = sum(len(r.rows) for r in self.running)
+        self.stats.waiting_rows = sum(len(r.rows) for r in self.waiting)

@@ -50,10 +50,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.adapter is not None:
-        from tridlm.default_model import adapter_dir, default_model_paths
+        from tridlm.default_model import locate_model
 
-        base = str(default_model_paths()[0])
-        adapter = adapter_dir() if args.adapter == "default" else Path(args.adapter)
+        default = locate_model("default")  # the cached SmolLM2 base and the shipped drafter
+        adapter = default.draft_adapter if args.adapter == "default" else Path(args.adapter)
+        base = str(default.folder)
         run_curve(base, [(None, adapter)], 0, args)
         return
     if args.run is None:

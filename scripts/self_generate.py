@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tridlm.bench.hf_baseline import to_transformers
+from tridlm.default_model import resolve_model
 from tridlm.loader import load
 from tridlm.training.corpora import DEFAULT_GSM8K
 from tridlm.training.self_generated import mixed_prompts, write_corpus
@@ -40,12 +41,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    folder = args.model
-    if folder == "smollm2":
+    if args.model == "smollm2" and args.gguf is not None:
         from tridlm.convert import smollm2_base
 
-        folder = smollm2_base(gguf_path=args.gguf)
-    model = load(folder, draft_adapter=False)
+        model = load(smollm2_base(gguf_path=args.gguf), draft_adapter=False)
+    else:  # a checkpoint folder, 'smollm2' or 'default' (its base: the drafter is not used)
+        model = resolve_model(args.model, draft_adapter=False)
     tokenizer = model.tokenizer
     hf = to_transformers(model).to(device=args.device, dtype=getattr(torch, args.dtype))
     prompts = mixed_prompts(args.n_gsm8k, args.n_code, args.n_stories, args.seed, args.gsm8k)

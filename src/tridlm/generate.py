@@ -20,6 +20,8 @@ import torch
 
 from .decoding import CallMetrics, DecodeBatch, GenerationError, GenerationParams, Row, RowMetrics
 from .decoding.block_length import resolve_auto_block_length
+from .decoding.revise import ReviseOptions
+from .rows import make_row
 
 if TYPE_CHECKING:
     from .model import TriModeLM
@@ -185,18 +187,13 @@ def generate(model: TriModeLM, prompt, mode: str = "ar", *, tokenizer=None, stre
         raise GenerationError(f"unknown generation parameter: {e}") from None
     prompts, batched = _prompt_ids(prompt, tokenizer, add_special_tokens)
     gp = gp.resolve(model.config, [len(p) for p in prompts], auto_block_length=lambda: auto_block_length(model))
-    make_row = Row
+    revise = None
     if revision.get("revise_rounds"):
-        from .decoding.revise import ReviseOptions, revising_row
-
-        opts = ReviseOptions(rounds=revision["revise_rounds"], threshold=revision.get("revise_threshold"),
-                             budget=revision.get("revise_budget"), groups=revision.get("revise_groups", 2),
-                             drafter=True)  # the diffusion mode's own weights: a LoRA drafter on for the block
-
-        def make_row(p, gp, config, tokenizer, seed, device):
-            return revising_row(p, gp, config, tokenizer, seed=seed, device=device, options=opts)
-    rows = [make_row(p, gp, model.config, tokenizer, seed=None if gp.seed is None else gp.seed + i,
-                     device=model.device) for i, p in enumerate(prompts)]
+        revise = ReviseOptions(rounds=revision["revise_rounds"], threshold=revision.get("revise_threshold"),
+                               budget=revision.get("revise_budget"), groups=revision.get("revise_groups", 2),
+                               drafter=True)  # the diffusion mode's own weights: a LoRA drafter on for the block
+    rows = [make_row("generate", p, gp, model.config, tokenizer, seed=None if gp.seed is None else gp.seed + i,
+                     device=model.device, revise=revise) for i, p in enumerate(prompts)]
     s = GenerationStream(model, rows, gp.mode, batched)
     if stream:
         return s

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from .decoding import DecodeBatch, GenerationError, GenerationParams, RowMetrics
-from .decoding.infill import METHODS, InfillOptions, InfillRow
-from .decoding.revise import Change, ReviseOptions, ReviseRow
-from .tokenizer import fim_tokens
+from .decoding.infill import METHODS
+from .decoding.revise import Change, ReviseRow
+from .rows import make_row
 
 if TYPE_CHECKING:
     from .model import TriModeLM
@@ -92,16 +92,6 @@ def _encode(parts: list, tokenizer) -> tuple[list[list[int]], bool]:
     return [[int(t) for t in (p.tolist() if isinstance(p, torch.Tensor) else p)] for p in parts], False
 
 
-def resolve_method(method: str, mode: str, tokenizer) -> str:
-    """auto: diffusion fills a block holding the suffix; AR/spec use the FIM ordering when the model was
-    trained for it (its tokenizer has the FIM tokens), else rank left-to-right candidates by the suffix."""
-    if method != "auto":
-        return method
-    if mode == "diffusion":
-        return "block"
-    return "fim" if fim_tokens(tokenizer) is not None else "rank"
-
-
 def _run(model: TriModeLM, row) -> None:
     batch = DecodeBatch(model)
     with torch.inference_mode():
@@ -146,19 +136,14 @@ def infill(model: TriModeLM, prefix=None, suffix=None, *, segments=None, length=
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if method not in METHODS + ("auto",):
         raise GenerationError(f"unknown infill method {method!r}; choose auto or one of {', '.join(METHODS)}")
-    method = resolve_method(method, mode, tokenizer)
     if drafter is None:
         drafter = getattr(model, "draft_adapter", None) is not None
     elif drafter and getattr(model, "draft_adapter", None) is None:
         raise GenerationError("drafter=True but the model has no LoRA drafter")
-    fim = fim_tokens(tokenizer)
-    opts = InfillOptions(method=method, suffix_window=model.config.block_size if suffix_window is None
-                         else suffix_window, max_length=max_length, stop=stop, stop_after=stop_after,
-                         candidates=candidates,
-                         lengths=tuple(lengths) if lengths else None, rank_temperature=rank_temperature,
-                         drafter=bool(drafter), fim_tokens=(fim.prefix, fim.suffix, fim.middle) if fim else None)
-    gp = _params(mode, params).resolve(model.config)
-    row = InfillRow(seg_ids, holes, gp, model.config, tokenizer, device=model.device, options=opts)
+    row = make_row("infill", seg_ids[0], _params(mode, params), model.config, tokenizer, device=model.device,
+                   segments=seg_ids, holes=holes, method=method, suffix_window=suffix_window, max_length=max_length,
+                   stop=stop, stop_after=stop_after, candidates=candidates, lengths=lengths,
+                   rank_temperature=rank_temperature, drafter=bool(drafter))
     _run(model, row)
     fills = [f or [] for f in row.fills]
     fill_texts = [tokenizer.decode(f) for f in fills] if tokenizer is not None else [""] * len(fills)
@@ -166,7 +151,7 @@ def infill(model: TriModeLM, prefix=None, suffix=None, *, segments=None, length=
         text = segments[0] + "".join(f + s for f, s in zip(fill_texts, segments[1:], strict=True))
     else:
         text = tokenizer.decode(row.ids) if tokenizer is not None else ""
-    return InfillResult(text, fill_texts, fills, row.ids, method, row.finish_reason,
+    return InfillResult(text, fill_texts, fills, row.ids, row.options.method, row.finish_reason,
                         [r or "length" for r in row.hole_reasons], row.metrics, row.candidate_log)
 
 
@@ -193,9 +178,9 @@ def revise(model: TriModeLM, text, *, prefix="", suffix="", rounds: int = 1, thr
     if drafter is None:
         drafter = getattr(model, "draft_adapter", None) is not None
     gp = _params("diffusion", dict(params, threshold=commit_threshold))
-    row = revise_row(body, gp, model.config, tokenizer, device=model.device, prefix_ids=pre, suffix_ids=post,
-                     rounds=rounds, threshold=threshold, budget=budget, window=window, context=context,
-                     groups=groups, min_gain=min_gain, drafter=bool(drafter))
+    row = make_row("revise", body, gp, model.config, tokenizer, device=model.device, prefix_ids=pre, suffix_ids=post,
+                   rounds=rounds, threshold=threshold, budget=budget, window=window, context=context,
+                   groups=groups, min_gain=min_gain, drafter=bool(drafter))
     if not row.finished:
         _run(model, row)
     new = row.revised[len(pre):len(pre) + len(body)]
@@ -209,40 +194,6 @@ def revise(model: TriModeLM, text, *, prefix="", suffix="", rounds: int = 1, thr
 
 def _token_change(c: Change, offset: int, dec) -> TokenChange:
     return TokenChange(c.position - offset, dec([c.old]), dec([c.new]), c.old, c.new, c.round)
-
-
-# -- rows for the serving engine (an OpenAI-style `suffix` on /v1/completions, and /v1/revise) -------------
-def infill_row(prompt_ids, suffix_ids, params: GenerationParams, config, tokenizer=None, seed=None, device=None, *,
-               method: str = "auto", suffix_window: int | None = None, candidates: int = 4,
-               drafter: bool = False) -> InfillRow:
-    """The row of a completion request with a suffix: its output (what streams) is the middle between
-    the prompt and the suffix -- up to params.max_new_tokens tokens, ending before the first of
-    params.stop or at end-of-text, as the OpenAI completions API's `suffix` does."""
-    p = params.resolve(config, [max(1, len(prompt_ids))])
-    method = resolve_method(method, p.mode, tokenizer)
-    fim = fim_tokens(tokenizer)
-    opts = InfillOptions(method=method, suffix_window=config.block_size if suffix_window is None else suffix_window,
-                         max_length=max(1, p.max_new_tokens), stop=p.stop, candidates=candidates, drafter=drafter,
-                         fim_tokens=(fim.prefix, fim.suffix, fim.middle) if fim else None)
-    return InfillRow([list(prompt_ids), list(suffix_ids)], [None], p, config, tokenizer, seed, device, opts)
-
-
-def revise_row(text_ids, params: GenerationParams, config, tokenizer=None, seed=None, device=None, *,
-               prefix_ids=(), suffix_ids=(), rounds: int = 1, threshold: float | None = None,
-               budget: int | float | None = None, window: int | None = None, context: int | None = None,
-               groups: int = 2, min_gain: float = 1.0, drafter: bool = False) -> ReviseRow:
-    """The row of a revision request: its output (what streams, once) is the revised text; read the
-    changes with `revision_body` once it has finished."""
-    half = max(1, config.block_size // 2)
-    opts = ReviseOptions(rounds=rounds, threshold=threshold, budget=budget, window=window or half,
-                         context=half if context is None else context, groups=groups, min_gain=min_gain,
-                         drafter=drafter)
-    pre, body, post = list(prefix_ids), list(text_ids), list(suffix_ids)
-    if not body:
-        raise GenerationError("nothing to revise: the text is empty")
-    allowed = [False] * len(pre) + [True] * len(body) + [False] * len(post)
-    p = params.replace(mode="diffusion").resolve(config, [len(allowed)])
-    return ReviseRow(pre + body + post, allowed, p, config, tokenizer, seed, device, options=opts)
 
 
 def revision_body(row: ReviseRow, tokenizer=None) -> dict:

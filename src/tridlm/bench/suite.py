@@ -39,21 +39,11 @@ def load_model(name, device, log: Callable[[str], None] = print):
     converted base) or "default" (the default tri-mode model; the SmolLM2 base when it is not there)."""
     if not isinstance(name, (str, Path)):
         return name.eval(), getattr(name, "path", None)
-    from ..loader import load
+    from ..default_model import locate_model
 
-    if str(name) == "default":
-        try:
-            from ..default_model import default_model
-
-            return default_model().to(device).eval(), "default"
-        except (ImportError, FileNotFoundError) as e:
-            log(f"the default model is not available ({e}); benchmarking the SmolLM2 base conversion instead")
-            name = "smollm2"
-    if str(name) in ("smollm2", "smollm2-base"):
-        from ..convert.smollm2 import smollm2_base
-
-        name = smollm2_base()
-    return load(name, device=device).eval(), str(name)
+    source = locate_model(name, fallback=lambda e: log(f"the default model is not available ({e}); benchmarking "
+                                                       "the SmolLM2 base conversion instead"))
+    return source.load(device=device), "default" if source.kind == "default" else str(source.folder)
 
 
 def _acceptance_from(results: list[ConfigResult], dtype: str) -> AcceptanceProfile | None:

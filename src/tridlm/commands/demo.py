@@ -26,7 +26,8 @@ def demo_prompts() -> list[tuple[str, str]]:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="answer a few prompts in every mode with the default model and "
                               "print a speed table")
-    p.add_argument("--model", default=None, help="a checkpoint folder (default: the embedded default model)")
+    p.add_argument("--model", default=None, help="a checkpoint folder or 'smollm2' (default: the embedded default "
+                   "model)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--block-length", type=int, default=None,
                    help="diffusion/spec block length (default: the default model's recorded best, else the "
@@ -47,7 +48,8 @@ def _block_length(args, model) -> int:
     from tridlm.default_model import recommended_block_length
 
     # the shipped drafter's measured best for the default model; any other checkpoint's own block size
-    return recommended_block_length(model.config.block_size) if args.model is None else model.config.block_size
+    return recommended_block_length(model.config.block_size) if args.model in (None, "default") \
+        else model.config.block_size
 
 
 def run(args) -> int:

@@ -131,8 +131,8 @@ def run_modes(args, log) -> int:
     from pathlib import Path
 
     from tridlm.bench.prompts import load_prompts
+    from tridlm.default_model import resolve_model
     from tridlm.eval import modes, suite
-    from tridlm.loader import load
     from tridlm.machine import machine_info
 
     prompts = load_prompts(args.prompts or modes.DEFAULT_SET)  # a bad set name fails before loading
@@ -151,14 +151,8 @@ def run_modes(args, log) -> int:
         from tridlm.default_model import recommended_block_length
 
         L = recommended_block_length(model.config.block_size) if args.model == "default" else model.config.block_size
-    if model.draft_adapter is None:
-        base = model
-    elif args.model == "default":
-        from tridlm.convert import smollm2_base
-
-        base = load(smollm2_base(), draft_adapter=False).eval()
-    else:
-        base = load(args.model, draft_adapter=False).eval()
+    # the same model without its drafter ('default': the SmolLM2 base)
+    base = model if model.draft_adapter is None else resolve_model(args.model, draft_adapter=False)
     runs = modes.default_runs(L, threshold=args.threshold)
     log(f"{len(prompts)} prompts, {len(runs)} runs")
     results = modes.evaluate_modes(model, base, prompts, runs, args.max_new_tokens, args.batch,

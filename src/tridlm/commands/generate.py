@@ -23,6 +23,9 @@ def _block_length(value: str):
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
 
 
+MODEL_HELP = ("a tridlm checkpoint folder, 'default' (the embedded model: SmolLM2-135M + the shipped drafter) or "
+              "'smollm2' (the converted base, no drafter)")
+
 # the GenerationParams fields the CLI offers and how argparse reads each; defaults, ranges and help
 # text are the fields' own (tridlm.decoding.params)
 CLI_PARAMS = {"mode": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int,
@@ -47,7 +50,7 @@ def add_param_args(p: argparse.ArgumentParser, names=tuple(CLI_PARAMS), **defaul
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="a tridlm checkpoint folder, or 'default' (the embedded model)")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     add_param_args(p)
     p.add_argument("--stream", action="store_true", help="print text as it becomes final")
     p.add_argument("--json", action="store_true", help="print the result and metrics as JSON")
@@ -92,19 +95,14 @@ def load_model(args, params: dict):
 
     from tridlm.checkpoint import read_config
     from tridlm.decoding.params import AUTO, GenerationParams
-    from tridlm.loader import load
+    from tridlm.default_model import locate_model
 
-    folder, adapter = args.model, not args.no_draft_adapter
-    if args.model == "default":  # the embedded default model: cached SmolLM2 base + the shipped drafter
-        from tridlm.default_model import default_model_paths
-
-        folder, default_adapter = default_model_paths()
-        adapter = default_adapter if adapter else False
+    source = locate_model(args.model, draft_adapter=not args.no_draft_adapter)  # 'default', 'smollm2' or a folder
     auto = params.get("block_length") == AUTO
     checked = dict(params, block_length=1) if auto else params  # "auto" is measured once the model is loaded
-    resolved = GenerationParams(mode=args.mode, **checked).resolve(read_config(folder))
+    resolved = GenerationParams(mode=args.mode, **checked).resolve(read_config(source.folder))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load(folder, draft_adapter=adapter).to(device).eval()
+    model = source.load(device=device)
     return prepared(model, args, AUTO if auto else resolved.block_length)
 
 

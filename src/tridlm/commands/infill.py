@@ -7,7 +7,7 @@ import json
 import re
 import sys
 
-from .generate import add_load_args, add_param_args
+from .generate import MODEL_HELP, add_load_args, add_param_args
 
 HELP = """\
 The text comes as TEMPLATE (or stdin when omitted or '-') holding one or more hole markers (default
@@ -23,7 +23,7 @@ when the model was trained for it, else rank."""
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="a tridlm checkpoint folder, or 'default'")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     add_load_args(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -56,22 +56,15 @@ def add_parser(subparsers) -> None:
 
 
 def load_model(args):
-    """The model named on the command line ('default': the default model)."""
+    """The model named on the command line: a checkpoint folder, 'default' or 'smollm2' (tridlm.default_model)."""
     import torch
 
     from tridlm.commands.generate import prepared
-    from tridlm.loader import load
+    from tridlm.default_model import resolve_model
 
-    if args.model == "default":
-        from tridlm.default_model import default_model
-
-        model = default_model()
-        if args.no_draft_adapter and model.draft_adapter is not None:
-            raise ValueError("--no-draft-adapter: load the SmolLM2 base folder instead of 'default'")
-    else:
-        model = load(args.model, draft_adapter=not args.no_draft_adapter)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return prepared(model.to(device).eval(), args, getattr(args, "block_length", None))
+    model = resolve_model(args.model, device=device, draft_adapter=not args.no_draft_adapter)
+    return prepared(model, args, getattr(args, "block_length", None))
 
 
 def parse_template(text: str, marker: str) -> tuple[list[str], list[int | None]]:

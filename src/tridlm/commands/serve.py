@@ -25,8 +25,8 @@ response's `mode` says which ran.
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", description=HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, metavar="PATH", help="a tridlm checkpoint folder (default: the "
-                   "default model)")
+    p.add_argument("--model", default=None, metavar="PATH", help="a tridlm checkpoint folder or 'smollm2' "
+                   "(default: the default model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     p.add_argument("--api-key", default=os.environ.get("TRIDLM_API_KEY"),
@@ -51,30 +51,18 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _default_model_path():
-    """(checkpoint folder, draft adapter) that `tridlm serve` uses without --model: the embedded model."""
-    from tridlm.default_model import default_model_paths
-
-    return default_model_paths()
-
-
 def build_app(args):
     import torch
 
     from tridlm.commands.generate import prepared
-    from tridlm.loader import load
+    from tridlm.default_model import locate_model
     from tridlm.server import EngineConfig, Limits, ServerConfig, create_app
 
-    adapter = not args.no_draft_adapter
-    if args.model in (None, "default"):
-        path, default_adapter = _default_model_path()
-        adapter = default_adapter if adapter else False
-    else:
-        path = args.model
+    source = locate_model(args.model, draft_adapter=not args.no_draft_adapter)  # None: the default model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = prepared(load(path, draft_adapter=adapter).to(device).eval(), args)
-    default = args.model in (None, "default")
-    name = args.served_model_name or ("tridlm-default" if default else os.path.basename(os.path.normpath(str(path))))
+    model = prepared(source.load(device=device), args)
+    served = {"default": "tridlm-default", "smollm2": "smollm2"}.get(source.kind)
+    name = args.served_model_name or served or os.path.basename(os.path.normpath(str(source.folder)))
     config = ServerConfig(
         model_name=name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
         limits=Limits(default_mode=args.default_mode, default_temperature=args.default_temperature,

@@ -76,11 +76,11 @@ class Engine:
         return self.scheduler.choose_mode(load)
 
     def submit(self, prompts: list[list[int]], params: GenerationParams, n: int = 1,
-               loop: asyncio.AbstractEventLoop | None = None, build_row=None) -> Request:
+               loop: asyncio.AbstractEventLoop | None = None, kind: str = "generate", **row_options) -> Request:
         """Validate and queue one request: len(prompts) x n rows, row i seeded with params.seed + i.
 
-        build_row(prompt, params, seed) -> Row makes the rows of requests that are not plain
-        continuations (an infill with a suffix, a revision); by default each row continues its prompt.
+        kind and row_options: what each row is (`tridlm.rows.make_row`): a continuation of its prompt by
+        default, or an infill (suffix_ids=...), a revision.
 
         Raises GenerationError (bad parameters or prompt), QueueFull, or EngineClosed; never blocks.
         """
@@ -95,7 +95,7 @@ class Engine:
 
         def rows_for(block_length: int):
             return build_rows(self.model, self.tokenizer, prompts, params.replace(block_length=block_length), n,
-                              build_row)
+                              kind, row_options)
 
         rows = rows_for(block)  # validates before queueing
         # with block_length="auto" the rows are rebuilt with the resolved length on admission (steps default to it)

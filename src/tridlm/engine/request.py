@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..decoding import GenerationError, GenerationParams, Row, RowMetrics
+from ..rows import make_row
 
 AUTO = "auto"  # mode or block_length: the engine decides
 
@@ -113,16 +114,12 @@ def check_shape(prompts: list[list[int]], n: int, max_rows: int, vocab_size: int
 
 
 def build_rows(model, tokenizer, prompts: list[list[int]], params: GenerationParams, n: int,
-               build_row=None) -> list[Row]:
-    """len(prompts) x n rows, row i seeded with params.seed + i; building a row validates its parameters.
-
-    build_row(prompt, params, seed) -> Row makes rows that are not plain continuations (an infill, a revision).
-    """
+               kind: str = "generate", row_options: dict | None = None) -> list[Row]:
+    """len(prompts) x n rows of `kind` (`tridlm.rows.make_row`), row i seeded with params.seed + i;
+    building a row validates its parameters."""
     rows = []
     for i in range(len(prompts) * n):
         seed = None if params.seed is None else params.seed + i
-        if build_row is not None:
-            rows.append(build_row(prompts[i // n], params, seed))
-        else:
-            rows.append(Row(prompts[i // n], params, model.config, tokenizer, seed=seed, device=model.device))
+        rows.append(make_row(kind, prompts[i // n], params, model.config, tokenizer, seed=seed, device=model.device,
+                             **dict(row_options or {})))
     return rows

@@ -24,25 +24,18 @@ from .tasks import HUMANEVAL_KINDS, humaneval_tasks, revision_tasks, stdlib_task
 INFILL_TASKS = HUMANEVAL_KINDS + ("stdlib",)
 
 
+DESCRIPTIONS = {"default": "the default model (SmolLM2-135M tri-mode, LoRA drafter)",
+                "smollm2": "the converted SmolLM2-135M-Instruct base (no drafter, no FIM training)"}
+
+
 def load_model(name: str, log=print):
     """(model, description): a checkpoint folder, "smollm2" (the converted SmolLM2 base) or "default" (the
     default tri-mode model; the SmolLM2 base, said so, when it is not available)."""
-    from ..loader import load
+    from ..default_model import locate_model
 
-    if name == "default":
-        try:
-            from ..default_model import default_model
-
-            return default_model().eval(), "the default model (SmolLM2-135M tri-mode, LoRA drafter)"
-        except (ImportError, FileNotFoundError) as e:
-            log(f"the default model is not available ({e}); evaluating the converted SmolLM2 base instead")
-            name = "smollm2"
-    if name in ("smollm2", "smollm2-base"):
-        from ..convert.smollm2 import smollm2_base
-
-        return load(smollm2_base()).eval(), "the converted SmolLM2-135M-Instruct base (no drafter, no FIM training)"
-    model = load(name).eval()
-    return model, f"checkpoint {name}"
+    source = locate_model(name, fallback=lambda e: log(f"the default model is not available ({e}); evaluating "
+                                                       "the converted SmolLM2 base instead"))
+    return source.load(), DESCRIPTIONS.get(source.kind, f"checkpoint {name}")
 
 
 def default_methods(model) -> list[str]:

@@ -29,7 +29,7 @@ from starlette.background import BackgroundTask
 from ..decoding import GenerationError, GenerationParams
 from ..decoding.params import MODES
 from ..engine import AUTO, Delta, Engine, EngineClosed, EngineConfig, Failed, Finished, QueueFull
-from ..infill import infill_row, revise_row, revision_body
+from ..infill import revision_body
 from . import errors, prometheus
 from .errors import APIError, from_validation_error, invalid
 from .openai_format import Formatter, sse, usage
@@ -151,9 +151,9 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
             raise APIError(404, f"model {name!r} does not exist; this server serves {config.model_name!r}",
                            "model", code="model_not_found")
 
-    def submit(prompts: list[list[int]], params, n: int, build_row=None):
+    def submit(prompts: list[list[int]], params, n: int, kind: str = "generate", **row_options):
         try:
-            return engine.submit(prompts, params, n=n, loop=asyncio.get_running_loop(), build_row=build_row)
+            return engine.submit(prompts, params, n=n, loop=asyncio.get_running_loop(), kind=kind, **row_options)
         except GenerationError as e:
             raise invalid(str(e)) from None
         except QueueFull as e:
@@ -161,8 +161,8 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
         except EngineClosed as e:
             raise APIError(503, str(e)) from None
 
-    async def run(request: Request, body, prompts, params, chat: bool, build_row=None):
-        req = submit(prompts, params, body.n or 1, build_row)
+    async def run(request: Request, body, prompts, params, chat: bool, kind: str = "generate", **row_options):
+        req = submit(prompts, params, body.n or 1, kind, **row_options)
         fmt = Formatter(chat, config.model_name, req.mode)
         lengths = [len(p) for p in prompts]
         if body.stream:
@@ -253,17 +253,12 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
         max_tokens = body.max_tokens or limits.default_max_tokens
         params = generation_params(body, limits, max_tokens)
         prompts = completion_prompts(body, tokenizer, model.config, limits)
-        build_row = None
         if body.suffix:
             if tokenizer is None:
                 raise invalid("suffix needs a tokenizer; this server has none", "suffix")
-            suffix_ids = tokenizer.encode(body.suffix)
-
-            def build_row(prompt, params, seed):
-                return infill_row(prompt, suffix_ids, params, model.config, tokenizer, seed=seed, device=model.device,
-                                  drafter=has_drafter)
-
-        return await run(request, body, prompts, params, chat=False, build_row=build_row)
+            return await run(request, body, prompts, params, chat=False, kind="infill",
+                             suffix_ids=tokenizer.encode(body.suffix), drafter=has_drafter)
+        return await run(request, body, prompts, params, chat=False)
 
     @app.post("/v1/revise", dependencies=[Depends(check_api_key)])
     async def revise(request: Request):
@@ -279,14 +274,9 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
                           f"{model.config.max_position_embeddings}", "text")
         params = GenerationParams(mode="diffusion", max_new_tokens=max(1, len(text_ids)), temperature=body.temperature,
                                   seed=body.seed)
-
-        def build_row(prompt, params, seed):
-            return revise_row(text_ids, params, model.config, tokenizer, seed=seed, device=model.device,
-                              prefix_ids=prefix_ids, suffix_ids=suffix_ids, rounds=body.rounds,
-                              threshold=body.threshold, budget=body.budget, min_gain=body.min_gain,
-                              drafter=has_drafter)
-
-        req = submit([text_ids], params, 1, build_row)
+        req = submit([text_ids], params, 1, "revise", prefix_ids=prefix_ids, suffix_ids=suffix_ids,
+                     rounds=body.rounds, threshold=body.threshold, budget=body.budget, min_gain=body.min_gain,
+                     drafter=has_drafter)
         await collect(request, req)
         out = revision_body(req.rows[0], tokenizer)
         return JSONResponse({"id": f"rev-{int(time.time() * 1000)}", "model": config.model_name,

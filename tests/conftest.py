@@ -116,3 +116,31 @@ class GreedyContract:
     def assert_rare(self) -> None:
         assert self.compared > 0
         assert len(self.ties) <= max(1, self.compared // 10), f"{len(self.ties)} near ties in {self.compared}"
+
+
+def paired_cache_steps(ref, other, seed: int, max_len: int = 40):
+    """Run `ref` and `other` side by side over one cache each, from empty on: AR steps, causal and block
+    passes, an explicit pattern (every token sees itself) and padding in both kinds of pass. Yields
+    (ref's logits, other's, the real (non-padding) positions, the longest key length, ref's cache,
+    other's cache) after each step."""
+    gen = torch.Generator().manual_seed(seed)
+    quad = (torch.rand(4, 4, generator=gen) < 0.5) | torch.eye(4, dtype=torch.bool)
+    steps = [(1, "causal", None, None), (4, "causal", None, None), (4, "block", None, None),
+             (4, quad, True, None), (1, "causal", None, None), (4, "causal", None, [True, True, True, False]),
+             (4, "block", None, [True, True, False, True])]
+    cr, co = ref.new_cache(1, max_len), other.new_cache(1, max_len)
+    with torch.no_grad():
+        for T, pattern, write, valid in steps:
+            ids = torch.randint(4, 64, (1, T), generator=gen)
+            kw = dict(pattern=pattern, write_cache=write, valid=None if valid is None else torch.tensor([valid]))
+            want, got = ref(ids, cache=cr, **kw), other(ids, cache=co, **kw)
+            n_keys = int(cr.lengths) + T  # a bound on the key length: the cache as it now holds, plus the step
+            real = torch.tensor([valid or [True] * T])  # a padding token's logits are no one's output
+            yield want, got, real, n_keys, cr, co
+
+
+def route_through_graph_layout(model, tokens=(1, 4)):
+    """Send `tokens`-wide decode forwards down compile_decode's route (the static layout) without compiling."""
+    model._compiled, model._compiled_tokens = model._forward_static, tuple(tokens)
+    model._compiled_for = model._graph_state()
+    return model

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_logits_agree, random_model
+from conftest import assert_logits_agree, paired_cache_steps, random_model, route_through_graph_layout
 
 import tridlm
 from tridlm import fusion, lora
@@ -251,29 +251,15 @@ def test_the_compiled_layout_computes_the_eager_forward(dtype, with_drafter):
     padding) gives the eager forward's logits within the error model, and the same cache."""
     make = (lambda: drafted(11)) if with_drafter else (lambda: random_model(11))
     eager, static = make().to(dtype), make().to(dtype)
-    static._compiled, static._compiled_tokens = static._forward_static, (1, 4)  # the route, not the compiler
-    static._compiled_for = static._graph_state()
-    ce, cs = eager.new_cache(1, 40), static.new_cache(1, 40)
-    gen = torch.Generator().manual_seed(5)
-    quad = torch.rand(4, 4, generator=gen) < 0.5
-    quad |= torch.eye(4, dtype=torch.bool)  # an explicit pattern; every token sees itself
-    steps = [(1, "causal", None, None), (4, "causal", None, None), (4, "block", None, None),
-             (4, quad, True, None), (1, "causal", None, None), (4, "causal", None, [True, True, True, False]),
-             (4, "block", None, [True, True, False, True])]
-    with torch.no_grad():
-        for T, pattern, write, valid in steps:
-            ids = torch.randint(4, 64, (1, T), generator=gen)
-            kw = dict(pattern=pattern, write_cache=write,
-                      valid=None if valid is None else torch.tensor([valid]))
-            want, got = eager(ids, cache=ce, **kw), static(ids, cache=cs, **kw)
-            real = torch.tensor([valid or [True] * T])  # a padding token's logits are no one's output
-            assert_logits_agree(eager, got[real], want[real], n_keys=int(ce.lengths) + T)
-            n = int(ce.lengths)
-            assert torch.equal(cs.lengths, ce.lengths)
-            # layer 0's keys/values are the same products bit for bit; deeper ones carry the attention's
-            # rounding, and the next steps' logits (checked above) read them
-            assert torch.equal(cs.k[0, :, :, :n], ce.k[0, :, :, :n])
-            assert torch.equal(cs.v[0, :, :, :n], ce.v[0, :, :, :n])
+    route_through_graph_layout(static)
+    for want, got, real, n_keys, ce, cs in paired_cache_steps(eager, static, seed=5):
+        assert_logits_agree(eager, got[real], want[real], n_keys=n_keys)
+        n = int(ce.lengths)
+        assert torch.equal(cs.lengths, ce.lengths)
+        # layer 0's keys/values are the same products bit for bit; deeper ones carry the attention's
+        # rounding, and the next steps' logits (checked above) read them
+        assert torch.equal(cs.k[0, :, :, :n], ce.k[0, :, :, :n])
+        assert torch.equal(cs.v[0, :, :, :n], ce.v[0, :, :, :n])
     assert n == 1 + 4 + 4 + 1 + 3  # the written steps, padding not counted
 
 

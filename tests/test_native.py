@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_logits_agree, random_model
+from conftest import assert_logits_agree, paired_cache_steps, random_model, route_through_graph_layout
 
 from tridlm import lora, native
 from tridlm.fusion import FusedProjections
@@ -203,24 +203,12 @@ def test_the_model_through_native_attention_agrees_with_torchs(static, with_draf
     ref.set_weight_format("float", native_max_tokens=0, native_attention_max_tokens=0)
     m.set_weight_format("float", native_max_tokens=0, native_attention_max_tokens=64)
     assert m.native_attention_unavailable is None
-    for model in (ref, m):
-        if static:
-            model._compiled, model._compiled_tokens = model._forward_static, (1, 4)
-            model._compiled_for = model._graph_state()
-    cr, cm = ref.new_cache(1, 40), m.new_cache(1, 40)
-    gen = torch.Generator().manual_seed(7)
-    quad = (torch.rand(4, 4, generator=gen) < 0.5) | torch.eye(4, dtype=torch.bool)
-    steps = [(1, "causal", None, None), (4, "causal", None, None), (4, "block", None, None),
-             (4, quad, True, None), (1, "causal", None, None), (4, "causal", None, [True, True, True, False]),
-             (4, "block", None, [True, True, False, True])]
-    with torch.no_grad():
-        for T, pattern, write, valid in steps:
-            ids = torch.randint(4, 64, (1, T), generator=gen)
-            kw = dict(pattern=pattern, write_cache=write, valid=None if valid is None else torch.tensor([valid]))
-            want, got = ref(ids, cache=cr, **kw), m(ids, cache=cm, **kw)
-            real = torch.tensor([valid or [True] * T])
-            assert_logits_agree(ref, got[real], want[real], n_keys=int(cr.lengths) + T)
-            assert torch.equal(cm.lengths, cr.lengths)
+    if static:
+        route_through_graph_layout(ref)
+        route_through_graph_layout(m)
+    for want, got, real, n_keys, cr, cm in paired_cache_steps(ref, m, seed=7):
+        assert_logits_agree(ref, got[real], want[real], n_keys=n_keys)
+        assert torch.equal(cm.lengths, cr.lengths)
 
 
 def test_native_attention_falls_back_to_torchs_where_it_cannot_run(monkeypatch):

@@ -103,6 +103,14 @@ def test_every_knob_reaches_the_decoder(live, client, knobs):
     assert r.usage.forwards != plain.metrics.rows[0].forwards  # the knobs did change the decoding
 
 
+def test_usage_says_the_block_length_that_ran_when_none_was_asked(live, client):
+    """No block_length in the request: the checkpoint's own block size runs, and usage says so."""
+    r = client.completions.create(model=NAME, prompt="KING:\n", max_tokens=8, temperature=0,
+                                  extra_body={"mode": "diffusion"})
+    assert r.usage.block_length == live[1].config.block_size
+    assert r.choices[0].text == reference(live[1], "KING:\n", "diffusion", 8).text
+
+
 def test_auto_mode_says_what_it_chose_and_keeps_the_greedy_text(live, client):
     r = client.completions.create(model=NAME, prompt="KING:\n", max_tokens=12, temperature=0,
                                   extra_body={"mode": "auto"})

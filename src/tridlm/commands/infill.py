@@ -64,7 +64,8 @@ def load_model(args):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = resolve_model(args.model, device=device, draft_adapter=not args.no_draft_adapter)
-    return prepared(model, args, getattr(args, "block_length", None))
+    block_length = getattr(args, "block_length", None)  # None: the checkpoint's own block size
+    return prepared(model, args, model.config.block_size if block_length is None else block_length)
 
 
 def parse_template(text: str, marker: str) -> tuple[list[str], list[int | None]]:

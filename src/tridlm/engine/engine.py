@@ -16,9 +16,6 @@ from .stats import EngineStats
 
 log = logging.getLogger("tridlm.engine")
 
-# block_length used to validate a request whose block length is resolved later ("auto")
-_PLACEHOLDER_BLOCK = 32
-
 
 class Engine:
     """Wires the scheduler (who waits, who runs), the runner (the batch) and the stats, and runs the worker."""
@@ -88,7 +85,9 @@ class Engine:
         auto_block = params.block_length == AUTO
         auto_mode = params.mode == AUTO
         mode = self.choose_mode(self.load) if auto_mode else params.mode
-        block = _PLACEHOLDER_BLOCK if auto_block else params.block_length
+        # "auto" is measured on admission, in the worker: until then the rows are checked at the checkpoint's
+        # own block size (GenerationParams' default), then rebuilt at the measured one
+        block = self.model.config.block_size if auto_block else params.block_length
         if auto_block and self.runner.auto_block is not None:
             block, auto_block = self.runner.auto_block, False
         params = params.replace(mode=mode)
@@ -98,7 +97,8 @@ class Engine:
                               kind, row_options)
 
         rows = rows_for(block)  # validates before queueing
-        # with block_length="auto" the rows are rebuilt with the resolved length on admission (steps default to it)
+        if not auto_block:  # what the rows resolved it to (the checkpoint's block size unless given)
+            block = rows[0].params.block_length if rows else block
         req = Request(rows, mode, AUTO if auto_block else block, auto_mode, loop, on_cancel=self.scheduler.cancel,
                       rebuild_rows=rows_for if auto_block else None)
         self.scheduler.enqueue(req)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .machine import cache_root, cpu_isa, cpu_name
+from .native import source_hash
 
 WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128)  # forward widths (batch x tokens) measured
 LAYERS_TIMED = 4  # layers whose products are timed: enough for a stable ratio, fast enough to be unseen
@@ -35,14 +36,8 @@ def cache_file(model, fmt: str) -> Path:
     text = json.dumps({"cpu": cpu_name(), "isa": cpu_isa(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__, "device": str(model.device), "shapes": shapes,
                        "drafter": model.draft_adapter is not None,
-                       "source": _native_source() if fmt.startswith("native") else None}, sort_keys=True)
+                       "source": source_hash() if fmt.startswith("native") else None}, sort_keys=True)
     return cache_root() / "kernels" / f"{fmt}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
-
-
-def _native_source() -> str:
-    from .native import source_hash
-
-    return source_hash()
 
 
 def median_seconds(fn, repeats: int) -> float:

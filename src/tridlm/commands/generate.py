@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from tridlm.default_model import MODEL_CHOICES
+
 HELP = """\
 Modes: ar (one token per forward), diffusion (block denoising over a prefix cache), spec (linear
 self-speculation: a diffusion draft, then a causal verify pass; identical to ar at temperature 0),
@@ -23,8 +25,6 @@ def _block_length(value: str):
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
 
 
-MODEL_HELP = ("a tridlm checkpoint folder, 'default' (the embedded model: SmolLM2-135M + the shipped drafter) or "
-              "'smollm2' (the converted base, no drafter)")
 
 # the GenerationParams fields the CLI offers and how argparse reads each; defaults, ranges and help
 # text are the fields' own (tridlm.decoding.params)
@@ -50,7 +50,7 @@ def add_param_args(p: argparse.ArgumentParser, names=tuple(CLI_PARAMS), **defaul
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("model", metavar="MODEL", help=MODEL_CHOICES)
     add_param_args(p)
     p.add_argument("--stream", action="store_true", help="print text as it becomes final")
     p.add_argument("--json", action="store_true", help="print the result and metrics as JSON")

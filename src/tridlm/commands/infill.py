@@ -7,7 +7,9 @@ import json
 import re
 import sys
 
-from .generate import MODEL_HELP, add_load_args, add_param_args
+from tridlm.default_model import MODEL_CHOICES
+
+from .generate import add_load_args, add_param_args
 
 HELP = """\
 The text comes as TEMPLATE (or stdin when omitted or '-') holding one or more hole markers (default
@@ -23,7 +25,7 @@ when the model was trained for it, else rank."""
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("model", metavar="MODEL", help=MODEL_CHOICES)
     add_load_args(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -73,8 +73,7 @@ class GenerationParams:
         the block length is the checkpoint's `block_size` unless given; "auto" calls `auto_block_length()`
         (it measures, so only after everything else has been checked)."""
         p = dataclasses.replace(self)
-        if p.mode not in MODES:
-            raise GenerationError(f"unknown mode {p.mode!r}; choose one of {', '.join(MODES)}")
+        p._check("mode")
         if p.block_length is None:
             p.block_length = config.block_size
         if p.threshold is None:
@@ -83,9 +82,7 @@ class GenerationParams:
             p._check(name)
         if p.steps is not None:
             p._check("steps")
-        if p.selection_policy not in POLICIES:
-            raise GenerationError(f"unknown selection_policy {p.selection_policy!r}; choose one of "
-                                  f"{', '.join(POLICIES)}")
+        p._check("selection_policy")
         p.top_k = 0 if p.top_k is None else p.top_k
         p.top_p = 1.0 if p.top_p is None else p.top_p
         p._check("top_k")
@@ -118,6 +115,10 @@ class GenerationParams:
     def _check(self, name: str) -> None:
         d = self.declared(name)
         value = getattr(self, name)
+        if d["choices"]:
+            if value not in d["choices"]:
+                raise GenerationError(f"unknown {name} {value!r}; choose one of {', '.join(d['choices'])}")
+            return
         try:
             fine = d["ok"](value)
         except (TypeError, ValueError):

@@ -316,6 +316,34 @@ def test_spec_threshold_drafting_counts_its_passes(model):
     contract.assert_rare()
 
 
+def test_threshold_is_each_modes_own_threshold(model):
+    """`threshold` names diffusion's commit_threshold and spec's draft_threshold: the same tokens either way."""
+    kw = dict(max_new_tokens=12, block_length=4, ignore_eos=True)
+    for mode, own in (("diffusion", "commit_threshold"), ("spec", "draft_threshold")):
+        by_alias = model.generate([5, 6, 7], mode, threshold=0.6, **kw)
+        by_name = model.generate([5, 6, 7], mode, **{own: 0.6}, **kw)
+        assert by_alias.ids == by_name.ids and by_alias.metrics.forwards == by_name.metrics.forwards
+    p = GenerationParams(mode="spec", commit_threshold=0.3).resolve(model.config)
+    assert (p.commit_threshold, p.draft_threshold, p.threshold) == (0.3, 0.0, 0.0)  # the mode's own, resolved
+    p = GenerationParams(mode="diffusion").resolve(model.config)
+    assert (p.commit_threshold, p.draft_threshold, p.threshold) == (0.9, 0.0, 0.9)
+
+
+def test_parameters_are_resolved_once_per_request(model, monkeypatch):
+    calls = []
+    resolve = GenerationParams.resolve
+
+    def counted(self, *a, **k):
+        calls.append(self.mode)
+        return resolve(self, *a, **k)
+
+    monkeypatch.setattr(GenerationParams, "resolve", counted)
+    for mode in ("ar", "diffusion", "spec"):
+        calls.clear()
+        model.generate([[5, 6, 7], [8, 9]], mode, max_new_tokens=4, block_length=4)
+        assert calls == [mode]
+
+
 # -- limits, policies, the mask token -----------------------------------------------------------------
 def test_any_max_new_tokens(model):
     full = model.generate([9, 10], "diffusion", max_new_tokens=23, block_length=4, ignore_eos=True).ids
@@ -438,6 +466,9 @@ def test_streaming_emits_final_text_once(small_vocab, mode):
     (dict(temperature=-1.0), "temperature must be >= 0"),
     (dict(top_p=0.0), "top_p must lie in (0, 1]"),
     (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
+    (dict(mode="diffusion", commit_threshold=2.0), "commit_threshold must lie in [0, 1]"),
+    (dict(mode="spec", draft_threshold=-1.0), "draft_threshold must lie in [0, 1]"),
+    (dict(mode="spec", threshold=0.5, draft_threshold=0.7), "threshold (0.5) and draft_threshold (0.7) disagree"),
     (dict(beam_width=4), "unknown generation parameter"),
 ])
 def test_invalid_parameters_fail_before_any_forward(model, monkeypatch, kw, message):

@@ -8,6 +8,7 @@ import pytest
 from test_infill_support import text_model  # noqa: F401  (fixture)
 
 from tridlm.cli import main
+from tridlm.edit import InfillResult, RevisionResult
 from tridlm.eval.report import SECTION, update_section
 from tridlm.eval.runner import (
     RevisionSetting,
@@ -18,7 +19,6 @@ from tridlm.eval.runner import (
     summarise_revision,
 )
 from tridlm.eval.tasks import humaneval_tasks, revision_tasks, stdlib_tasks
-from tridlm.infill import InfillResult, RevisionResult
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,6 +181,12 @@ def test_infill_and_revise_commands(checkpoint, capsys):
     assert main(["revise", str(checkpoint), text, "--budget", "2", "--json", "--prefix", "Story: "]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["selected"][0]) <= 2
+    by_flag = {}
+    for flag in ("--remask-threshold", "--mask-threshold"):  # the second is the older name of the first
+        assert main(["revise", str(checkpoint), text, flag, "0.5", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        by_flag[flag] = (out["text"], out["changes"], out["selected"])
+    assert by_flag["--remask-threshold"] == by_flag["--mask-threshold"]
     assert main(["infill", str(checkpoint), "no marker here"]) == 2  # a user error: one line, no traceback
 
 

@@ -7,7 +7,6 @@ import torch
 from conftest import random_model
 from test_infill_support import text_model  # noqa: F401  (fixture)
 
-import tridlm.infill  # noqa: F401  (attaches model.infill)
 from tridlm.decoding import DecodeBatch, GenerationError, GenerationParams, Row
 from tridlm.decoding.infill import InfillOptions, InfillRow, spread_lengths
 from tridlm.tokenizer import fim_tokens

@@ -9,8 +9,8 @@ import pytest
 from test_infill_support import text_model  # noqa: F401  (fixture)
 
 from tridlm.decoding import GenerationParams
+from tridlm.edit import infill, revise, revision_body
 from tridlm.engine import Delta, Engine, Failed, Finished
-from tridlm.infill import infill, revise, revision_body
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,9 +7,16 @@ import torch
 from conftest import random_model
 from test_infill_support import text_model  # noqa: F401  (fixture)
 
-import tridlm.infill  # noqa: F401  (attaches model.revise)
 from tridlm.decoding import DecodeBatch, GenerationError, GenerationParams, Row
-from tridlm.decoding.revise import ReviseOptions, ReviseRow, Window, copies_plan, revising_row, select, token_scores
+from tridlm.decoding.revise import (
+    ReviseOptions,
+    ReviseRow,
+    Window,
+    copies_plan,
+    remask_positions,
+    revising_row,
+    token_scores,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +31,8 @@ def run(model, row):
     return row
 
 
-@pytest.mark.parametrize("kw", [dict(budget=0), dict(budget=0.0), dict(rounds=0, budget=5), dict(threshold=0.0)])
+@pytest.mark.parametrize("kw", [dict(budget=0), dict(budget=0.0), dict(rounds=0, budget=5), dict(threshold=0.0),
+                                dict(remask_threshold=0.0)])
 def test_zero_budget_is_the_identity_without_a_forward(kw):
     model = text_model()
     text = "The cat sat on the mat."
@@ -96,11 +104,11 @@ def _prefix_block(n_prefix: int, n_block: int) -> torch.Tensor:
 
 def test_select_threshold_and_budget():
     scores = {0: 0.5, 1: 0.01, 2: 0.2, 3: 0.05, 4: 0.9}
-    assert select(scores, ReviseOptions(threshold=0.3), 5) == [1, 2, 3]
-    assert select(scores, ReviseOptions(threshold=0.3, budget=2), 5) == [1, 3]
-    assert select(scores, ReviseOptions(budget=0.4), 5) == [1, 3]
-    assert select(scores, ReviseOptions(), 5) == [1]  # defaults: below 0.1, at most a tenth (at least one)
-    assert select(scores, ReviseOptions(), 20) == [1, 3]
+    assert remask_positions(scores, ReviseOptions(remask_threshold=0.3), 5) == [1, 2, 3]
+    assert remask_positions(scores, ReviseOptions(remask_threshold=0.3, budget=2), 5) == [1, 3]
+    assert remask_positions(scores, ReviseOptions(budget=0.4), 5) == [1, 3]
+    assert remask_positions(scores, ReviseOptions(), 5) == [1]  # defaults: below 0.1, at most a tenth (at least one)
+    assert remask_positions(scores, ReviseOptions(), 20) == [1, 3]
     with pytest.raises(GenerationError):
         ReviseOptions(budget=-1).validate()
 

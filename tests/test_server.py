@@ -390,7 +390,7 @@ def test_serve_builds_the_app_from_a_folder(tiny_trained):
 # -- infilling and revision over HTTP -----------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["diffusion", "ar"])
 def test_completion_with_a_suffix_is_the_infill_middle(live, client, mode):
-    from tridlm.infill import infill
+    from tridlm.edit import infill
 
     server, model = live
     prompt, suffix = "The cat sat", " on the mat."
@@ -402,7 +402,7 @@ def test_completion_with_a_suffix_is_the_infill_middle(live, client, mode):
 
 
 def test_revise_endpoint_equals_model_revise(live, http):
-    from tridlm.infill import revise
+    from tridlm.edit import revise
 
     server, model = live
     body = {"text": " to be or not to be", "prefix": "Hamlet said", "suffix": ".", "rounds": 2, "budget": 2}
@@ -414,11 +414,15 @@ def test_revise_endpoint_equals_model_revise(live, http):
     assert [c["position"] for c in out["changes"]] == [c.position for c in direct.changes]
     zero = post(http, "/v1/revise", {**body, "budget": 0}).json()
     assert zero["text"] == body["text"] and zero["changes"] == []
+    by_alias, by_name = (post(http, "/v1/revise", {**body, name: 0.5}).json() for name in ("threshold",
+                                                                                             "remask_threshold"))
+    assert by_alias["text"] == by_name["text"] and by_alias["changes"] == by_name["changes"]
 
 
 @pytest.mark.parametrize("body,param", [
     ({"text": ""}, "text"), ({"text": "x", "rounds": -1}, "rounds"), ({"text": "x", "threshold": 2}, "threshold"),
     ({"text": "x", "budget": -3}, "budget"), ({"text": "x", "stepz": 1}, "stepz"),
+    ({"text": "x", "remask_threshold": 1.5}, "remask_threshold"),
     ({"text": "x " * 2000}, "text"),
 ])
 def test_bad_revise_requests(http, body, param):

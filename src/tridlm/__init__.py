@@ -3,8 +3,8 @@
 from .cache import KVCache
 from .checkpoint import CheckpointError, save
 from .config import ModelConfig, RopeParameters
+from .edit import InfillResult, RevisionResult, infill, revise
 from .generate import GenerationResult, generate
-from .infill import InfillResult, RevisionResult, infill, revise
 from .loader import load
 from .model import TriModeLM
 from .tokenizer import Tokenizer

@@ -44,6 +44,16 @@ def recommended_block_length(fallback: int = 8) -> int:
     return int(json.loads(results.read_text()).get("best_block_length", fallback))
 
 
+def default_block_length(name: str | None, config) -> int:
+    """What demo and eval decode at when no block length is given: for the default model (`name` None or
+    'default') the shipped drafter's measured best, for any other checkpoint its own block_size."""
+    return recommended_block_length(config.block_size) if name in (None, "default") else config.block_size
+
+
+BLOCK_LENGTH_HELP = "diffusion/spec block length (default: the default model's measured best, else the checkpoint's " \
+    "block_size)"
+
+
 def default_model_paths() -> tuple[Path, Path]:
     """(base checkpoint folder, drafter folder); the base is converted from the GGUF on first use."""
     from .convert import smollm2_base

@@ -161,11 +161,13 @@ def generate(model: TriModeLM, prompt, mode: str = "ar", *, tokenizer=None, stre
     params (see `GenerationParams`): max_new_tokens=128, temperature=0 (greedy), top_k=0, top_p=1,
         seed=None, stop=(), eos_token_id (default the model's), ignore_eos=False, block_length (default the
         checkpoint's block_size; "auto": measured cost and acceptance profiles pick it, tridlm.decoding.block_length),
-        threshold (diffusion 0.9, spec 0 = one-pass draft), steps (default block_length),
+        commit_threshold (diffusion, 0.9), draft_threshold (spec, 0 = one-pass draft) or threshold (the
+        mode's own of the two), steps (default block_length),
         selection_policy="confidence_threshold" | "low_confidence" | "margin" | "entropy" | "leftmost".
-    revise_rounds / revise_threshold / revise_budget / revise_groups (diffusion only): after a block is
-        filled and before it is committed, re-mask its least certain tokens and denoise them again, that
-        many rounds (see `tridlm.infill.revise`); 0 (default) is plain diffusion.
+    revise_rounds / revise_remask_threshold (alias revise_threshold) / revise_budget / revise_groups
+        (diffusion only; revise_ + a `ReviseOptions` field): after a block is filled and before it is
+        committed, re-mask its least certain tokens and denoise them again, that many rounds (see
+        `tridlm.edit.revise`); 0 (default) is plain diffusion.
     Returns a `GenerationResult` (`.text`, `.ids`, `.metrics`, `.rows`), or with stream=True a
     `GenerationStream` of `TextChunk`s whose `.result` is set at the end.
     Raises `GenerationError` (a ValueError) for invalid parameters or prompts, before any forward.
@@ -179,19 +181,22 @@ def generate(model: TriModeLM, prompt, mode: str = "ar", *, tokenizer=None, stre
     agreement is measured (`tridlm bench`), not guaranteed.
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    revision = {k: params.pop(k) for k in ("revise_rounds", "revise_threshold", "revise_budget", "revise_groups")
-                if k in params}
+    revision = {k.removeprefix("revise_"): params.pop(k) for k in list(params) if k.startswith("revise_")}
+    if "threshold" in revision:  # the older name of revise_remask_threshold
+        revision.setdefault("remask_threshold", revision.pop("threshold"))
     try:
         gp = GenerationParams(mode=mode, **params)
     except TypeError as e:
         raise GenerationError(f"unknown generation parameter: {e}") from None
     prompts, batched = _prompt_ids(prompt, tokenizer, add_special_tokens)
     gp = gp.resolve(model.config, [len(p) for p in prompts], auto_block_length=lambda: auto_block_length(model))
-    revise = None
-    if revision.get("revise_rounds"):
-        revise = ReviseOptions(rounds=revision["revise_rounds"], threshold=revision.get("revise_threshold"),
-                               budget=revision.get("revise_budget"), groups=revision.get("revise_groups", 2),
-                               drafter=True)  # the diffusion mode's own weights: a LoRA drafter on for the block
+    try:  # drafter: the diffusion mode's own weights, a LoRA drafter on for the block
+        revise = ReviseOptions(**{"rounds": 0, "drafter": True, **revision}) if revision else None
+    except TypeError as e:
+        raise GenerationError(f"unknown revision parameter: {e}") from None
+    if revise is not None and not revise.rounds:
+        revise.validate()
+        revise = None
     rows = [make_row("generate", p, gp, model.config, tokenizer, seed=None if gp.seed is None else gp.seed + i,
                      device=model.device, revise=revise) for i, p in enumerate(prompts)]
     s = GenerationStream(model, rows, gp.mode, batched)

@@ -595,12 +595,12 @@ class TriModeLM(nn.Module):
 
     def infill(self, prefix=None, suffix=None, **kwargs):
         """`tridlm.infill(self, prefix, suffix, ...)`: see there for the parameters."""
-        from .infill import infill
+        from .edit import infill
 
         return infill(self, prefix, suffix, **kwargs)
 
     def revise(self, text, **kwargs):
         """`tridlm.revise(self, text, ...)`: see there for the parameters."""
-        from .infill import revise
+        from .edit import revise
 
         return revise(self, text, **kwargs)

@@ -22,8 +22,9 @@ def make_row(kind: str, prompt_ids, params: GenerationParams, config, tokenizer=
         (a length per hole, None: variable); method, suffix_window, max_length (default
         params.max_new_tokens), stop (default params.stop), stop_after, candidates, lengths,
         rank_temperature, drafter. Its output (what streams) is the middle.
-    revise: prompt_ids is the text to revise; prefix_ids, suffix_ids, rounds, threshold, budget, window,
-        context, groups, min_gain, drafter. Its output (what streams, once) is the revised text.
+    revise: prompt_ids is the text to revise; prefix_ids, suffix_ids, and the ReviseOptions fields (rounds,
+        remask_threshold, budget, window, context, groups, min_gain, drafter). Its output (what streams,
+        once) is the revised text.
     """
     if kind == "generate":
         revise = options.pop("revise", None)
@@ -70,16 +71,15 @@ def _infill_row(prompt_ids, params, config, tokenizer, seed, device, *, suffix_i
     return InfillRow(segments, holes, p, config, tokenizer, seed, device, opts)
 
 
-def _revise_row(text_ids, params, config, tokenizer, seed, device, *, prefix_ids=(), suffix_ids=(), rounds: int = 1,
-                threshold: float | None = None, budget: int | float | None = None, window: int | None = None,
-                context: int | None = None, groups: int = 2, min_gain: float = 1.0, drafter: bool = False) -> ReviseRow:
-    half = max(1, config.block_size // 2)
-    opts = ReviseOptions(rounds=rounds, threshold=threshold, budget=budget, window=window or half,
-                         context=half if context is None else context, groups=groups, min_gain=min_gain,
-                         drafter=drafter)
+def _revise_row(text_ids, params, config, tokenizer, seed, device, *, prefix_ids=(), suffix_ids=(), window=None,
+                context=None, **revise_options) -> ReviseRow:
+    half = max(1, config.block_size // 2)  # window and context default to half a block each
+    try:
+        opts = ReviseOptions(window=window or half, context=half if context is None else context, **revise_options)
+    except TypeError as e:
+        raise GenerationError(f"unknown revision option: {e}") from None
     pre, body, post = list(prefix_ids), list(text_ids), list(suffix_ids)
     if not body:
         raise GenerationError("nothing to revise: the text is empty")
     allowed = [False] * len(pre) + [True] * len(body) + [False] * len(post)
-    p = params.replace(mode="diffusion").resolve(config, [len(allowed)])
-    return ReviseRow(pre + body + post, allowed, p, config, tokenizer, seed, device, options=opts)
+    return ReviseRow(pre + body + post, allowed, params, config, tokenizer, seed, device, options=opts)

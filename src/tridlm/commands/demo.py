@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-MODES = ("ar", "diffusion", "spec", "spec-quadratic")
+from tridlm.decoding.params import MODES
+from tridlm.default_model import BLOCK_LENGTH_HELP
+
+from .generate import add_param_args
+
 LOSSLESS = ("spec", "spec-quadratic")
 
 
@@ -29,10 +34,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default=None, help="a checkpoint folder or 'smollm2' (default: the embedded default "
                    "model)")
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--block-length", type=int, default=None,
-                   help="diffusion/spec block length (default: the default model's recorded best, else the "
-                   "checkpoint's block_size)")
-    p.add_argument("--threshold", type=float, default=0.9, help="diffusion commit threshold (default 0.9)")
+    p.add_argument("--block-length", type=int, default=None, help=BLOCK_LENGTH_HELP)
+    add_param_args(p, ("commit_threshold",))
+    p.add_argument("--threshold", dest="commit_threshold", type=float, help=argparse.SUPPRESS)  # its older name
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated modes to run")
     p.add_argument("--json", type=Path, default=None, help="also write every answer and metric to this file")
     p.set_defaults(func=run)
@@ -42,20 +46,10 @@ def _say(msg: str) -> None:
     print(f"[tridlm] {msg}", file=sys.stderr, flush=True)
 
 
-def _block_length(args, model) -> int:
-    if args.block_length:
-        return args.block_length
-    from tridlm.default_model import recommended_block_length
-
-    # the shipped drafter's measured best for the default model; any other checkpoint's own block size
-    return recommended_block_length(model.config.block_size) if args.model in (None, "default") \
-        else model.config.block_size
-
-
 def run(args) -> int:
     import torch
 
-    from tridlm.default_model import resolve_model
+    from tridlm.default_model import default_block_length, resolve_model
     from tridlm.generate import generate
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -66,14 +60,12 @@ def run(args) -> int:
     model = resolve_model(args.model, progress=_say)
     _say(f"model ready in {time.perf_counter() - t0:.1f} s ({model.num_parameters() / 1e6:.1f} M parameters)")
     tok = model.tokenizer
-    block = _block_length(args, model)
+    block = args.block_length or default_block_length(args.model, model.config)
     prompts = demo_prompts()
     rows, summary = [], {}
     ar_ids: dict[str, list[int]] = {}
     for mode in modes:
-        params = dict(max_new_tokens=args.max_new_tokens, block_length=block)
-        if mode == "diffusion":
-            params["threshold"] = args.threshold
+        params = dict(max_new_tokens=args.max_new_tokens, block_length=block, commit_threshold=args.commit_threshold)
         tokens = forwards = 0
         wall = 0.0
         accept: list[int] = []

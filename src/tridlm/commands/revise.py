@@ -6,12 +6,15 @@ import argparse
 import json
 import sys
 
+from tridlm.decoding.params import declaration
+from tridlm.decoding.revise import ReviseOptions
+
 from .infill import add_model_args, load_model, sampler_params
 
 HELP = """\
 TEXT (or stdin when omitted or '-') is scored token by token -- the model's probability of each
-token with that token masked and everything else visible -- and the tokens below --threshold (or the
---budget least likely) are masked and denoised again, --rounds times. --prefix/--suffix are context
+token with that token masked and everything else visible -- and the tokens below --remask-threshold
+(or the --budget least likely) are masked and denoised again, --rounds times. --prefix/--suffix are context
 that is read but never changed. The revised text goes to stdout, the changed tokens to stderr;
 --json prints both. A budget of 0 returns the text unchanged."""
 
@@ -23,21 +26,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("text", nargs="?", default=None, metavar="TEXT", help="the text (omitted or '-': stdin)")
     p.add_argument("--prefix", default="", help="context before the text (never changed)")
     p.add_argument("--suffix", default="", help="context after the text (never changed)")
-    p.add_argument("--rounds", type=int, default=1, help="score-and-redo rounds (default 1)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="tokens re-masked per round at most: a count, or a fraction below 1")
-    p.add_argument("--mask-threshold", type=float, default=None,
-                   help="re-mask tokens whose probability is below this (neither this nor --budget: below 0.1, "
-                        "at most a tenth of the tokens)")
-    p.add_argument("--window", type=int, default=None, help="tokens scored together (default: half a block)")
-    p.add_argument("--groups", type=int, default=2, help="masked copies per window (0: score tokens visible)")
-    p.add_argument("--min-gain", type=float, default=1.0, help="replace a token only if the new one is this many "
-                   "times likelier in the same context (default 1: always)")
+    for name, kind in (("rounds", int), ("budget", float), ("remask_threshold", float), ("window", int),
+                       ("groups", int), ("min_gain", float)):
+        d = declaration(ReviseOptions, name)
+        flags = ["--" + name.replace("_", "-")] + (["--mask-threshold"] if name == "remask_threshold" else [])
+        default = None if name == "window" else d["default"]  # window: half the model's block
+        p.add_argument(*flags, type=kind, default=default, help=d["help"] + (
+            " (default: half a block)" if name == "window" else "" if default is None else f" (default {default})"))
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from tridlm.infill import revise
+    from tridlm.edit import revise
 
     text = sys.stdin.read() if args.text in (None, "-") else args.text
     budget = args.budget
@@ -45,10 +45,12 @@ def run(args) -> int:
         budget = int(budget)
     model = load_model(args)
     params = sampler_params(args)
-    params["commit_threshold"] = params.pop("threshold")
+    commit = params.pop("threshold")  # here --threshold is the re-denoiser's: --commit-threshold
+    if params["commit_threshold"] is None:
+        params["commit_threshold"] = commit
     r = revise(model, text, prefix=args.prefix, suffix=args.suffix, rounds=args.rounds, budget=budget,
-               threshold=args.mask_threshold, window=args.window, groups=args.groups, min_gain=args.min_gain,
-               **params)
+               remask_threshold=args.remask_threshold, window=args.window, groups=args.groups,
+               min_gain=args.min_gain, **params)
     if args.json:
         print(json.dumps(r.to_dict()))
         return 0

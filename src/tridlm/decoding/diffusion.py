@@ -5,7 +5,7 @@ Per block of L = block_length positions:
 2. denoise passes (pattern "block": bidirectional inside the block, the cached prefix visible,
    nothing written) sample a token for every masked position and commit some of them, chosen by
    `selection_policy` (the best one always; with the threshold policies also every one scoring
-   >= threshold; never fewer than finishing within `steps` passes needs). Commits are final;
+   >= `commit_threshold`; never fewer than finishing within `steps` passes needs). Commits are final;
 3. once the block is full, one causal pass writes it to the cache and predicts the next seed.
 The first causal pass commits the prompt's last token, so the first seed is AR-predicted exactly
 as after a full causal prefill. Tokens are emitted as soon as they and everything before them are
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .row import Mode, Plan, Row, span
-from .sampling import sample, scores, select
+from .sampling import commit_positions, sample, scores
 
 
 @dataclass
@@ -79,12 +79,13 @@ class Diffusion(Mode):
 
 
 def denoise_pass(row: Row, block: torch.Tensor, masked: torch.Tensor, logits: torch.Tensor, passes_done: int,
-                 greedy_draws: bool = False) -> None:
+                 greedy_draws: bool = False, threshold: float | None = None) -> None:
     """Commit some of the masked positions `masked` [m] of `block` in place, from their logits [m, V]
-    (block logits at i predict token i)."""
+    (block logits at i predict token i), at `threshold` (default the row's commit_threshold)."""
     p = row.params
+    threshold = p.commit_threshold if threshold is None else threshold
     x0 = sample(logits, p.replace(temperature=0.0) if greedy_draws else p, row.generator, row.mask_id)
     score = scores(logits, x0, p.selection_policy, row.mask_id)
     n_min = math.ceil(masked.numel() / max(1, p.steps - passes_done))  # finish within `steps` passes
-    chosen = select(score, torch.ones_like(x0, dtype=torch.bool), p.selection_policy, p.threshold, n_min)
+    chosen = commit_positions(score, torch.ones_like(x0, dtype=torch.bool), p.selection_policy, threshold, n_min)
     block[masked[chosen]] = x0[chosen]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MODES = ("ar", "diffusion", "spec", "spec-quadratic")
 POLICIES = ("confidence_threshold", "low_confidence", "margin", "entropy", "leftmost")
-DEFAULT_THRESHOLD = {"diffusion": 0.9, "spec": 0.0, "spec-quadratic": 0.0, "ar": 0.0}
+# which threshold `threshold` stands for in each mode (ar has none), and their defaults
+MODE_THRESHOLD = {"diffusion": "commit_threshold", "spec": "draft_threshold", "spec-quadratic": "draft_threshold"}
+THRESHOLD_DEFAULTS = {"commit_threshold": 0.9, "draft_threshold": 0.0}
 
 
 class GenerationError(ValueError):
@@ -27,6 +29,28 @@ def knob(default, help: str, rule: str | None = None, ok=None, label: str | None
 
 def _int_at_least(n: int):
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= n
+
+
+def declaration(cls, name: str) -> dict:
+    """A `knob` field's declaration: default, help, rule, ok, label, choices."""
+    f = cls.__dataclass_fields__[name]
+    return {"default": f.default, **f.metadata}
+
+
+def check_knob(obj, name: str, label: str | None = None) -> None:
+    """Raise GenerationError naming the field (or `label`) unless obj.name is in its declared range or choices."""
+    d = declaration(type(obj), name)
+    value = getattr(obj, name)
+    if d["choices"]:
+        if value not in d["choices"]:
+            raise GenerationError(f"unknown {name} {value!r}; choose one of {', '.join(d['choices'])}")
+        return
+    try:
+        fine = d["ok"](value)
+    except (TypeError, ValueError):
+        fine = False
+    if not fine:
+        raise GenerationError(f"{label or d['label'] or name} must {d['rule']}, got {value!r}")
 
 
 @dataclass
@@ -49,21 +73,33 @@ class GenerationParams:
         None, f"diffusion/spec block length, or '{AUTO}' (picked from this machine's measured forward costs "
         "and the drafter's acceptance); default: the checkpoint's block_size",
         "be an integer >= 1", _int_at_least(1))
-    threshold: float | None = knob(
+    commit_threshold: float | None = knob(
         None, "diffusion: commit every masked position whose score reaches it (the best one always commits; "
-        "default 0.9); spec: 0 drafts the block in one pass (default), > 0 in threshold passes",
+        "default 0.9)",
         "lie in [0, 1]", lambda v: 0.0 <= float(v) <= 1.0)
+    draft_threshold: float | None = knob(
+        None, "spec: 0 drafts the block in one denoise pass (default); > 0 drafts it in diffusion passes, each "
+        "committing the positions whose score reaches it", "lie in [0, 1]", lambda v: 0.0 <= float(v) <= 1.0)
+    threshold: float | None = knob(
+        None, "the mode's own threshold: commit_threshold in diffusion, draft_threshold in spec (ar has none); "
+        "defaults 0.9 and 0", "lie in [0, 1]", lambda v: 0.0 <= float(v) <= 1.0)
     steps: int | None = knob(None, "denoise passes per block at most (default: the block length); the count "
                              "committed per pass never falls below what finishing the block within steps needs",
                              "be an integer >= 1", _int_at_least(1), label="steps (denoise passes per block)")
     selection_policy: str = knob("confidence_threshold", f"diffusion commit policy: {', '.join(POLICIES)}",
                                  choices=POLICIES)
+    # set by `resolve`; a Row given resolved params does not resolve them again (`replace` clears it)
+    resolved: bool = field(default=False, init=False, repr=False, compare=False)
 
     @staticmethod
     def declared(name: str) -> dict:
         """A field's declaration: default, help, rule, ok, label, choices."""
-        f = GenerationParams.__dataclass_fields__[name]
-        return {"default": f.default, **f.metadata}
+        return declaration(GenerationParams, name)
+
+    @staticmethod
+    def check(name: str, value, label: str | None = None) -> None:
+        """Raise GenerationError (naming `label`, e.g. a CLI flag) unless `value` is in field `name`'s range."""
+        check_knob(GenerationParams(**{name: value}), name, label)
 
     def replace(self, **kw) -> GenerationParams:
         return dataclasses.replace(self, **kw)
@@ -76,9 +112,8 @@ class GenerationParams:
         p._check("mode")
         if p.block_length is None:
             p.block_length = config.block_size
-        if p.threshold is None:
-            p.threshold = DEFAULT_THRESHOLD[p.mode]
-        for name in ("threshold", "max_new_tokens", "temperature"):
+        p._resolve_thresholds()
+        for name in ("max_new_tokens", "temperature"):
             p._check(name)
         if p.steps is not None:
             p._check("steps")
@@ -110,18 +145,24 @@ class GenerationParams:
         p._check("block_length")
         if p.steps is None:
             p.steps = p.block_length
+        p.resolved = True
         return p
 
+    def _resolve_thresholds(self) -> None:
+        """`threshold` is an alias of the mode's own threshold; afterwards it holds that one's value."""
+        own = MODE_THRESHOLD.get(self.mode)
+        if self.threshold is not None:
+            self._check("threshold")
+            mine = getattr(self, own) if own else None
+            if mine is not None and mine != self.threshold:
+                raise GenerationError(f"threshold ({self.threshold!r}) and {own} ({mine!r}) disagree; give one")
+            if own:
+                setattr(self, own, self.threshold)
+        for name, default in THRESHOLD_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+            self._check(name)
+        self.threshold = getattr(self, own) if own else None
+
     def _check(self, name: str) -> None:
-        d = self.declared(name)
-        value = getattr(self, name)
-        if d["choices"]:
-            if value not in d["choices"]:
-                raise GenerationError(f"unknown {name} {value!r}; choose one of {', '.join(d['choices'])}")
-            return
-        try:
-            fine = d["ok"](value)
-        except (TypeError, ValueError):
-            fine = False
-        if not fine:
-            raise GenerationError(f"{d['label'] or name} must {d['rule']}, got {value!r}")
+        check_knob(self, name)

@@ -9,7 +9,7 @@ with its neighbours visible. Windows of `window` positions hold the tokens they 
 layout of a noisy block over clean earlier text. groups=0 scores every token with itself visible
 (one copy, cheaper, but absorbing-state training never scores visible tokens).
 
-Re-denoising. The selected tokens (below `threshold`, and/or the `budget` lowest) are re-masked and
+Re-denoising. The selected tokens (below `remask_threshold`, and/or the `budget` lowest) are re-masked and
 denoised window by window, left to right, each window over the revised text before it. Tokens
 outside the allowed region are never selected, so never change; a zero budget changes nothing and
 runs no forward. `rounds` repeats score-and-redo (stopping early once nothing is selected).
@@ -27,36 +27,41 @@ from dataclasses import dataclass, field
 import torch
 
 from .diffusion import BlockState, Diffusion, denoise_pass
-from .params import GenerationError
+from .params import GenerationError, check_knob, knob
 from .row import Plan, Row
 from .sampling import ban
 from .scripted import Script, ScriptRow
 
 
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 @dataclass
 class ReviseOptions:
-    rounds: int = 1
-    threshold: float | None = None  # re-mask tokens scoring below it
-    budget: int | float | None = None  # at most this many tokens per round (a float in (0, 1): a fraction)
-    window: int = 16  # positions scored / re-denoised together (plus `context` after them)
-    context: int = 8  # right context visible to a window
-    groups: int = 2  # masked copies per window (0: score tokens visible, one copy)
-    min_gain: float = 1.0  # a new token replaces the old only if this many times likelier (1: always)
+    """One revision's settings, each declared once (`knob`): `validate`, the CLI and the server read them."""
+
+    rounds: int = knob(1, "score-and-redo rounds", "be an integer >= 0", _count)
+    remask_threshold: float | None = knob(
+        None, "re-mask tokens whose probability (masked, in context) is below it (neither it nor budget: below "
+        "0.1, at most a tenth of the tokens)", "lie in [0, 1]", lambda v: v is None or 0.0 <= float(v) <= 1.0)
+    budget: int | float | None = knob(
+        None, "tokens re-masked per round at most: a count, or a fraction below 1 of the tokens",
+        "be an integer >= 0 or a fraction in [0, 1]",
+        lambda v: v is None or _count(v) or (isinstance(v, float) and 0.0 <= v <= 1.0))
+    window: int = knob(16, "positions scored and re-denoised together (plus `context` after them)",
+                       "be an integer >= 1", lambda v: _count(v) and v >= 1)
+    context: int = knob(8, "right context visible to a window", "be an integer >= 0", _count)
+    groups: int = knob(2, "masked copies per window (0: score tokens visible, one copy)", "be an integer >= 0",
+                       _count)
+    min_gain: float = knob(1.0, "a new token replaces the old only if this many times likelier (1: always)",
+                           "be >= 1", lambda v: float(v) >= 1.0)
     drafter: bool = False  # switch a LoRA drafter on for the noisy copies
     max_forward_tokens: int = 2048  # split the scoring forward beyond this many tokens
 
     def validate(self) -> None:
-        if not isinstance(self.rounds, int) or self.rounds < 0:
-            raise GenerationError(f"rounds must be an integer >= 0, got {self.rounds!r}")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise GenerationError(f"threshold must lie in [0, 1], got {self.threshold!r}")
-        b = self.budget
-        if b is not None and (b < 0 or (isinstance(b, float) and b > 1.0)):
-            raise GenerationError(f"budget must be an integer >= 0 or a fraction in [0, 1], got {b!r}")
-        if self.window < 1 or self.context < 0 or self.groups < 0:
-            raise GenerationError("window must be >= 1, context and groups >= 0")
-        if self.min_gain < 1.0:
-            raise GenerationError(f"min_gain must be >= 1, got {self.min_gain!r}")
+        for name in ("rounds", "remask_threshold", "budget", "window", "context", "groups", "min_gain"):
+            check_knob(self, name)
 
     def budget_for(self, n: int) -> int | None:
         b = self.budget
@@ -67,18 +72,18 @@ class ReviseOptions:
     @property
     def identity(self) -> bool:
         """Settings that can change nothing: no forward runs."""
-        return self.rounds == 0 or self.budget_for(1 << 30) == 0 or self.threshold == 0.0
+        return self.rounds == 0 or self.budget_for(1 << 30) == 0 or self.remask_threshold == 0.0
 
 
-DEFAULT_THRESHOLD, DEFAULT_BUDGET = 0.1, 0.1
+DEFAULT_REMASK_THRESHOLD, DEFAULT_BUDGET = 0.1, 0.1
 
 
-def select(scores: dict[int, float], opts: ReviseOptions, n_allowed: int) -> list[int]:
+def remask_positions(scores: dict[int, float], opts: ReviseOptions, n_allowed: int) -> list[int]:
     """Positions to re-mask: below the threshold (when set), at most the budget lowest (when set).
     Neither set: below 0.1, at most a tenth of the tokens (at least one)."""
-    threshold, b = opts.threshold, opts.budget_for(n_allowed)
+    threshold, b = opts.remask_threshold, opts.budget_for(n_allowed)
     if threshold is None and opts.budget is None:
-        threshold, b = DEFAULT_THRESHOLD, max(1, round(DEFAULT_BUDGET * n_allowed))
+        threshold, b = DEFAULT_REMASK_THRESHOLD, max(1, round(DEFAULT_BUDGET * n_allowed))
     cand = [(s, p) for p, s in scores.items() if threshold is None or s < threshold]
     cand.sort()
     if b is not None:
@@ -182,7 +187,7 @@ class ReviseRow(ScriptRow):
         for rnd in range(1, o.rounds + 1):
             scores = yield from self._score(text, r0, r1)
             self.scores.append(scores)
-            chosen = select(scores, o, len(region))
+            chosen = remask_positions(scores, o, len(region))
             self.selected.append(chosen)
             if not chosen:
                 break
@@ -290,14 +295,10 @@ class RevisingBlockState(BlockState):
 
 
 def row_revise_options(row: Row) -> ReviseOptions:
-    """A row's revision settings: `row.revise_options`, else its params' revise_rounds / revise_threshold /
-    revise_budget when `GenerationParams` has them, else none (plain diffusion)."""
+    """A row's revision settings (`revising_row` sets them), else none: plain diffusion."""
     o = getattr(row, "revise_options", None)
     if o is None:
-        p = row.params
-        o = ReviseOptions(rounds=getattr(p, "revise_rounds", 0) or 0, threshold=getattr(p, "revise_threshold", None),
-                          budget=getattr(p, "revise_budget", None), drafter=True)
-        row.revise_options = o
+        o = row.revise_options = ReviseOptions(rounds=0)
     return o
 
 
@@ -339,7 +340,7 @@ class RevisingDiffusion(Diffusion):
             st.rounds_left -= 1
             targets = st.block[[k for _, k in st.owners]]
             s = token_scores(logits, targets, row.mask_id).tolist()
-            chosen = select({k: v for (_, k), v in zip(st.owners, s, strict=True)}, o, st.block.numel() - 1)
+            chosen = remask_positions({k: v for (_, k), v in zip(st.owners, s, strict=True)}, o, st.block.numel() - 1)
             if chosen:
                 st.block[chosen] = row.mask_id
                 st.revised += chosen

@@ -59,7 +59,8 @@ class Row:
     def __init__(self, prompt_ids, params: GenerationParams, config, tokenizer=None, seed: int | None = None,
                  device=None):
         self.prompt = [int(t) for t in prompt_ids]
-        self.params = params.resolve(config, [len(self.prompt)])
+        # resolved once per request by its builder (`tridlm.rows.make_row`); a Row built by hand resolves its own
+        self.params = params if params.resolved else params.resolve(config, [len(self.prompt)])
         self.mode: Mode = MODE_CLASSES[self.params.mode]
         self.mask_id = config.mask_token_id
         self.eos_id = self.params.eos_token_id

@@ -87,7 +87,7 @@ def scores(logits: torch.Tensor, tokens: torch.Tensor, policy: str, banned_id: i
     return p_tok  # confidence_threshold, low_confidence, leftmost (unused)
 
 
-def select(score: torch.Tensor, masked: torch.Tensor, policy: str, threshold: float,
+def commit_positions(score: torch.Tensor, masked: torch.Tensor, policy: str, threshold: float,
            n_min: int) -> torch.Tensor:
     """Bool [L]: the masked positions to commit this pass.
 

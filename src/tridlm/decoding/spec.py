@@ -2,8 +2,8 @@
 
 A cycle, from the last final token `next` (not yet cached) at cache length c:
 1. draft: the block `[next, MASK x (n-1)]` (n = block_length, or fewer near the token limit) is
-   denoised over the read-only cache -- one pass filling every mask (threshold 0) or threshold
-   passes as in diffusion mode;
+   denoised over the read-only cache -- one pass filling every mask (`draft_threshold` 0) or
+   diffusion passes committing what reaches `draft_threshold`;
 2. verify: one causal pass over `[next, d_1..d_{n-1}]` writes the cache; its logit at i predicts
    token i+1. Greedy: accept the drafts while they equal the verifier's argmax, then add the
    verifier's own token (the bonus). Sampling: the speculative-sampling rule (`verify_sampled`);
@@ -69,8 +69,8 @@ class Spec(Mode):
 
     def _draft(self, row: Row, st: DraftState, masked: torch.Tensor, logits: torch.Tensor) -> None:
         p = row.params
-        if p.threshold > 0:
-            denoise_pass(row, st.block, masked, logits, st.passes, greedy_draws=True)
+        if p.draft_threshold > 0:
+            denoise_pass(row, st.block, masked, logits, st.passes, greedy_draws=True, threshold=p.draft_threshold)
         elif p.temperature == 0:
             st.block[masked] = greedy(logits, row.mask_id)
         else:

@@ -117,6 +117,8 @@ def build_rows(model, tokenizer, prompts: list[list[int]], params: GenerationPar
                kind: str = "generate", row_options: dict | None = None) -> list[Row]:
     """len(prompts) x n rows of `kind` (`tridlm.rows.make_row`), row i seeded with params.seed + i;
     building a row validates its parameters."""
+    if kind == "generate":  # resolved once for the request (infill and revision rows resolve their own layout)
+        params = params.resolve(model.config, [len(p) for p in prompts])
     rows = []
     for i in range(len(prompts) * n):
         seed = None if params.seed is None else params.seed + i

@@ -28,8 +28,8 @@ from starlette.background import BackgroundTask
 
 from ..decoding import GenerationError, GenerationParams
 from ..decoding.params import MODES
+from ..edit import revision_body
 from ..engine import AUTO, Delta, Engine, EngineClosed, EngineConfig, Failed, Finished, QueueFull
-from ..infill import revision_body
 from . import errors, prometheus
 from .errors import APIError, from_validation_error, invalid
 from .openai_format import Formatter, sse, usage
@@ -275,8 +275,8 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
         params = GenerationParams(mode="diffusion", max_new_tokens=max(1, len(text_ids)), temperature=body.temperature,
                                   seed=body.seed)
         req = submit([text_ids], params, 1, "revise", prefix_ids=prefix_ids, suffix_ids=suffix_ids,
-                     rounds=body.rounds, threshold=body.threshold, budget=body.budget, min_gain=body.min_gain,
-                     drafter=has_drafter)
+                     rounds=body.rounds, remask_threshold=body.remask_threshold, budget=body.budget,
+                     min_gain=body.min_gain, drafter=has_drafter)
         await collect(request, req)
         out = revision_body(req.rows[0], tokenizer)
         return JSONResponse({"id": f"rev-{int(time.time() * 1000)}", "model": config.model_name,

@@ -23,7 +23,8 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
 
 # request fields a message may be about, for the error's `param`
 FIELDS = ("max_completion_tokens", "max_tokens", "temperature", "top_p", "top_k", "n", "stream_options", "stream",
-          "stop", "seed", "mode", "block_length", "threshold", "steps", "selection_policy", "prompt", "messages",
+          "stop", "seed", "mode", "block_length", "commit_threshold", "draft_threshold",
+          "remask_threshold", "threshold", "steps", "selection_policy", "prompt", "messages",
           "model", "presence_penalty", "frequency_penalty", "logit_bias", "top_logprobs", "logprobs", "echo",
           "best_of", "suffix", "tools", "response_format", "ignore_eos")
 

@@ -44,7 +44,8 @@ def generation_params(body: CompletionRequest | ChatCompletionRequest, limits: L
               temperature=limits.default_temperature if body.temperature is None else body.temperature,
               seed=body.seed, stop=stop + extra_stop, stop_token_ids=stop_token_ids,
               ignore_eos=bool(body.ignore_eos))
-    for name in ("top_p", "top_k", "block_length", "threshold", "steps", "selection_policy"):
+    for name in ("top_p", "top_k", "block_length", "threshold", "commit_threshold", "draft_threshold", "steps",
+                 "selection_policy"):
         if getattr(body, name) is not None:
             kw[name] = getattr(body, name)
     return GenerationParams(**kw)

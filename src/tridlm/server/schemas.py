@@ -11,14 +11,24 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..decoding.params import AUTO, POLICIES, GenerationParams
+from ..decoding.params import AUTO, POLICIES, GenerationParams, declaration
+from ..decoding.revise import ReviseOptions
 
 Policy = Literal[POLICIES]  # type: ignore[valid-type]
-KNOBS = ("block_length", "threshold", "steps", "top_k")  # ranges and help as GenerationParams declares them
+# ranges and help as GenerationParams declares them
+KNOBS = ("block_length", "threshold", "commit_threshold", "draft_threshold", "steps", "top_k")
+REVISE_KNOBS = ("rounds", "remask_threshold", "budget", "min_gain")  # as ReviseOptions declares them
 
 
-def _knob(name: str):
-    return Field(default=None, description=GenerationParams.declared(name)["help"])
+def _knob(name: str, of=GenerationParams, default=None):
+    return Field(default=default, description=declaration(of, name)["help"])
+
+
+def _check_declared(of, name: str, value):
+    d = declaration(of, name)
+    if value is not None and value != AUTO and not d["ok"](value):
+        raise ValueError(f"{name} must {d['rule']}, got {value!r}")
+    return value
 
 
 class StreamOptions(BaseModel):
@@ -48,6 +58,8 @@ class _Common(BaseModel):
     mode: str | None = None
     block_length: int | Literal["auto"] | None = _knob("block_length")
     threshold: float | None = _knob("threshold")
+    commit_threshold: float | None = _knob("commit_threshold")
+    draft_threshold: float | None = _knob("draft_threshold")
     steps: int | None = _knob("steps")
     selection_policy: Policy | None = None
     top_k: int | None = _knob("top_k")
@@ -56,10 +68,7 @@ class _Common(BaseModel):
     @field_validator(*KNOBS)
     @classmethod
     def _in_range(cls, value, info):
-        declared = GenerationParams.declared(info.field_name)
-        if value is not None and value != AUTO and not declared["ok"](value):
-            raise ValueError(f"{info.field_name} must {declared['rule']}, got {value!r}")
-        return value
+        return _check_declared(GenerationParams, info.field_name, value)
 
     @model_validator(mode="after")
     def _neutral(self):
@@ -139,10 +148,29 @@ class RevisionRequest(BaseModel):
     text: str = Field(min_length=1)
     prefix: str = ""
     suffix: str = ""
-    rounds: int = Field(default=1, ge=0, le=16)
-    threshold: float | None = Field(default=None, gt=0.0, le=1.0)  # re-mask tokens whose probability is below it
-    budget: int | float | None = Field(default=None, ge=0)  # tokens re-masked per round: a count, or a fraction < 1
-    min_gain: float = Field(default=1.0, ge=1.0)  # a new token must be this many times likelier than the old one
+    rounds: int = Field(default=1, le=16, description=declaration(ReviseOptions, "rounds")["help"])
+    remask_threshold: float | None = _knob("remask_threshold", ReviseOptions)
+    threshold: float | None = Field(default=None, description="the older name of remask_threshold")
+    budget: int | float | None = _knob("budget", ReviseOptions)
+    min_gain: float = _knob("min_gain", ReviseOptions, 1.0)
     temperature: float = Field(default=0.0, ge=0.0)
     seed: int | None = None
     user: str | None = None
+
+    @field_validator(*REVISE_KNOBS)
+    @classmethod
+    def _in_range(cls, value, info):
+        return _check_declared(ReviseOptions, info.field_name, value)
+
+    @field_validator("threshold")
+    @classmethod
+    def _alias_in_range(cls, value):
+        return _check_declared(ReviseOptions, "remask_threshold", value)
+
+    @model_validator(mode="after")
+    def _one_remask_threshold(self):
+        if self.threshold is not None:
+            if self.remask_threshold is not None and self.remask_threshold != self.threshold:
+                raise ValueError("threshold is the older name of remask_threshold; give one")
+            self.remask_threshold = self.threshold
+        return self

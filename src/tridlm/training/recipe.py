@@ -129,7 +129,7 @@ class LogSection:
 class Recipe:
     out_dir: str = "runs/default"
     seed: int = 0
-    init_from: str | None = None  # a checkpoint folder (continued training or SFT), or "smollm2"
+    init_from: str | None = None  # a checkpoint folder (continued training or SFT), or "smollm2" (default_model)
     resume: bool = True  # continue from the newest checkpoint in out_dir/checkpoints, if any
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -509,10 +510,13 @@ def _bpe_texts(docs, max_chars: int):
 
 def train(recipe: Recipe) -> TrainResult:
     """Run a recipe to the end (resuming from out_dir's newest checkpoint when there is one)."""
-    if recipe.init_from == "smollm2":  # the packaged SmolLM2-135M-Instruct, converted and cached
-        from ..convert import smollm2_base
+    if recipe.init_from:  # a folder, or a name the model resolver knows ("smollm2": converted and cached)
+        from ..default_model import locate_model
 
-        recipe.init_from = str(smollm2_base())
+        try:
+            recipe.init_from = str(locate_model(os.path.expanduser(recipe.init_from), draft_adapter=False).folder)
+        except (FileNotFoundError, ValueError) as e:
+            raise RecipeError(f"recipe key 'init_from': {e}") from None
     trainer = Trainer(recipe)
     threads = torch.get_num_threads()  # train.threads applies to this run only
     try:

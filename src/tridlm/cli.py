@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from .extras import missing_extra_hint
+
 COMMANDS = ("demo", "generate", "chat", "train", "convert", "serve", "bench", "eval", "infill", "revise", "env")
 
 
@@ -38,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as e:  # an optional extra this command needs is not installed
+        hint = missing_extra_hint(args.command, e.name)
+        if hint is None:
+            raise
+        print(hint, file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
         print(f"tridlm {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,8 @@
 """What the engine counts: requests by outcome, tokens and forwards by mode, latencies, batch sizes, queue gauges.
 
-The scheduler's lock guards an `EngineStats`; readers get a `copy()` (what GET /metrics renders).
+The scheduler's lock guards an `EngineStats`; readers get a `copy()`. It is plain data because the engine
+itself reads it (the auto-mode policy reads the acceptance histogram) and inference does not depend on a
+metrics library: the server's collector (`tridlm.server.prometheus`) exposes a copy at each scrape.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ ACCEPTANCE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 @dataclass
 class Histogram:
+    """Counts per bucket (value <= bound), their sum and number: what a Prometheus histogram exposes."""
+
     buckets: tuple[float, ...]
     counts: list[int] = field(default_factory=list)  # per bucket, not cumulative; last = +Inf
     total: float = 0.0

@@ -1,15 +1,25 @@
 """Load benchmark of `tridlm serve`: throughput and p50/p95 latency by mode and concurrency.
 
     python scripts/load_bench.py --model out/tiny                 # starts a server in-process on 127.0.0.1
+    python scripts/load_bench.py --model default --scenario mixed # 32 clients x 4 mixed-mode requests
     python scripts/load_bench.py --tiny                           # trains the test suite's tiny model first
     python scripts/load_bench.py --url http://127.0.0.1:8000      # a running server
 
-C clients (asyncio, one connection each) send completions back to back, each a fixed length
-(ignore_eos) so that every mode makes the same tokens; a level ends after `--requests` requests
+--scenario sweep (default): C clients (asyncio, one connection each) send completions back to back,
+each a fixed length (ignore_eos) so that every mode makes the same tokens; a level ends after `--requests` requests
 (default 2 x C, at least 8). Levels run mode after mode within each concurrency, and the whole sweep
 `--rounds` times, so drift in the machine's load spreads over every mode alike. Reported per (mode, C):
 the median over rounds of requests/s and generated tokens/s (over each level's wall time), p50/p95
 request latency over all rounds' requests, and the mean tokens per forward the server reported.
+
+--scenario mixed: C clients (default 32) each send R requests (default 4) back to back, the modes in
+turn (ar, diffusion, spec, spec-quadratic), every knob at the server's default (no block_length);
+each request is first run alone, and the report says how many failed, how many differ from their
+solo run, p50/p95/p99 latency per mode, and the p95 over requests of latency / solo latency.
+
+--scenario abuse: one client sends the widest requests the server's limits allow, back to back,
+while --small-clients others each send --small-requests 2-token AR requests; reported: the small
+requests' p50/p95/max latency beside their latency on an idle server.
 """
 
 from __future__ import annotations
@@ -93,13 +103,126 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+MIXED_MODES = ("ar", "diffusion", "spec", "spec-quadratic")
+
+
+async def _post(c: httpx.AsyncClient, body: dict) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    r = await c.post("/v1/completions", json=body)
+    took = time.perf_counter() - t0
+    return took, (r.json() if r.status_code == 200 else {"error": r.status_code, "body": r.text[:200]})
+
+
+def mixed_bodies(clients: int, per_client: int, max_tokens: int) -> list[list[dict]]:
+    """Per client, its requests: the modes in turn, default knobs, greedy, a fixed length."""
+    out = []
+    for c in range(clients):
+        out.append([{"prompt": PROMPTS[(c + i) % len(PROMPTS)], "mode": MIXED_MODES[(c + i) % len(MIXED_MODES)],
+                     "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True} for i in range(per_client)])
+    return out
+
+
+async def run_mixed(url: str, key: str | None, clients: int, per_client: int, max_tokens: int) -> dict:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    plan = mixed_bodies(clients, per_client, max_tokens)
+    distinct = {json.dumps(b, sort_keys=True): b for bodies in plan for b in bodies}
+    solo: dict[str, tuple[float, dict]] = {}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600) as c:
+        for k, b in distinct.items():  # alone, one after another (a warm-up first: first-use costs stay out)
+            await _post(c, b)
+            solo[k] = await _post(c, b)
+    results: list[tuple[dict, float, dict]] = []
+
+    async def client(bodies):
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600) as c:  # its own connection
+            for b in bodies:
+                took, out = await _post(c, b)
+                results.append((b, took, out))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(bodies) for bodies in plan))
+    wall = time.perf_counter() - t0
+    failed = sum("error" in out for _, _, out in results)
+    differ = sum("error" not in out and out["choices"][0]["text"] != solo[json.dumps(b, sort_keys=True)][1]
+                 ["choices"][0]["text"] for b, _, out in results)
+    ratios = [took / solo[json.dumps(b, sort_keys=True)][0] for b, took, _ in results]
+    per_mode = {}
+    for m in MIXED_MODES:
+        lat = [took for b, took, _ in results if b["mode"] == m]
+        alone = [solo[json.dumps(b, sort_keys=True)][0] for b, _, _ in results if b["mode"] == m]
+        if lat:
+            per_mode[m] = {"requests": len(lat), "solo_median_s": statistics.median(alone),
+                           "p50_s": percentile(lat, 0.5), "p95_s": percentile(lat, 0.95),
+                           "p99_s": percentile(lat, 0.99)}
+    return {"clients": clients, "per_client": per_client, "max_tokens": max_tokens, "wall_s": wall,
+            "requests": len(results), "failed": failed, "differ_from_solo": differ,
+            "p95_latency_over_solo": percentile(ratios, 0.95), "median_latency_over_solo": percentile(ratios, 0.5),
+            "per_mode": per_mode}
+
+
+async def run_abuse(url: str, key: str | None, limits: dict, small_clients: int, small_requests: int,
+                    seconds_before: float = 30.0) -> dict:
+    """One client loops the widest allowed request; small clients time 2-token AR requests meanwhile."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    small = {"prompt": "Once upon a time", "mode": "ar", "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as c:
+        await _post(c, small)
+        idle = [(await _post(c, small))[0] for _ in range(5)]
+    worst = {"prompt": [1] + [28] * (limits["prompt_tokens"] - 1), "mode": "spec-quadratic",
+             "block_length": limits["quadratic_block"], "n": limits["n"], "max_tokens": limits["max_tokens"],
+             "temperature": 0, "ignore_eos": True}
+    stop = asyncio.Event()
+    worst_answers: list = []
+
+    async def abuser():
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600) as c:
+            while not stop.is_set():
+                task = asyncio.ensure_future(c.post("/v1/completions", json=worst))
+                done, _ = await asyncio.wait({task, asyncio.ensure_future(stop.wait())},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if task in done:
+                    worst_answers.append(task.result().status_code)
+                else:
+                    task.cancel()  # the client leaves: the server frees its rows
+
+    lat: list[float] = []
+
+    async def small_client():
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as c:
+            for _ in range(small_requests):
+                took, out = await _post(c, small)
+                lat.append(took if "error" not in out else float("inf"))
+
+    bad = asyncio.ensure_future(abuser())
+    running = 0
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as c:
+        for _ in range(int(seconds_before * 20)):  # until the worst request is admitted and decoding
+            running = (await c.get("/health")).json()["running_rows"]
+            if running >= worst["n"]:
+                break
+            await asyncio.sleep(0.05)
+    await asyncio.gather(*(small_client() for _ in range(small_clients)))
+    stop.set()
+    await bad
+    shown = {k: v for k, v in worst.items() if k != "prompt"} | {"prompt_tokens": len(worst["prompt"])}
+    return {"worst_request": shown,
+            "worst_answers": worst_answers, "worst_rows_running": running, "small_requests": len(lat),
+            "idle_median_s": statistics.median(idle),
+            "p50_s": percentile(lat, 0.5), "p95_s": percentile(lat, 0.95), "max_s": max(lat)}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a checkpoint folder, served in-process")
+    src.add_argument("--model", help="a checkpoint folder, 'default' or 'smollm2', served in-process")
     src.add_argument("--tiny", action="store_true", help="train the tiny test model (about a minute) and serve it")
     src.add_argument("--url", help="benchmark a running server instead")
     p.add_argument("--api-key", default=None)
+    p.add_argument("--scenario", choices=("sweep", "mixed", "abuse"), default="sweep")
+    p.add_argument("--clients", type=int, default=32, help="mixed: clients (default 32)")
+    p.add_argument("--per-client", type=int, default=4, help="mixed: requests per client (default 4)")
+    p.add_argument("--small-clients", type=int, default=4, help="abuse: clients sending small requests")
+    p.add_argument("--small-requests", type=int, default=5, help="abuse: small requests per small client")
     p.add_argument("--modes", default="ar,diffusion,spec,spec-quadratic,auto")
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--requests", type=int, default=None, help="requests per level (default max(8, 2 x C))")
@@ -114,7 +237,6 @@ def parse_args(argv=None):
 def serve_in_process(args, levels: list[int]):
     import torch
 
-    import tridlm
     from tridlm.server import EngineConfig, ServerConfig, ServerThread, create_app
 
     if args.threads:
@@ -126,10 +248,32 @@ def serve_in_process(args, levels: list[int]):
         print("training the tiny model ...", file=sys.stderr, flush=True)
         model, _ = train_tiny_model(folder, seconds=60, seed=0)
     else:
-        model = tridlm.load(args.model).eval()
-    need = max(levels)
-    cfg = ServerConfig(engine=EngineConfig(max_running=need, max_queue=4 * need))
+        from tridlm.default_model import resolve_model
+
+        model = resolve_model(args.model).eval()  # a folder, "default" or "smollm2"
+    if args.scenario == "sweep":
+        need = max(levels)
+        cfg = ServerConfig(engine=EngineConfig(max_running=need, max_queue=4 * need))
+    else:  # the server as `tridlm serve` configures it
+        cfg = ServerConfig()
     return ServerThread(create_app(model, config=cfg)).start(), model
+
+
+def worst_allowed(model, cfg) -> dict:
+    """The widest, longest request the server's limits accept: spec-quadratic at the widest block, the most
+    rows and tokens whose cost stays under the engine's limit, a long prompt."""
+    from tridlm.decoding.params import forward_width, quadratic_block_length
+
+    lim, eng = cfg.limits, cfg.engine
+    L = quadratic_block_length(eng.max_forward_width)
+    prompt = min(lim.max_prompt_tokens, model.config.max_position_embeddings // 2)
+    for n in range(lim.max_n, 0, -1):
+        tokens = min(lim.max_tokens_cap, lim.max_new_tokens_total // n)
+        if n * (prompt + tokens * forward_width("spec-quadratic", L)) <= eng.max_request_cost:
+            break
+    else:
+        n, tokens = 1, max(1, (eng.max_request_cost - prompt) // forward_width("spec-quadratic", L))
+    return {"quadratic_block": L, "n": n, "max_tokens": tokens, "prompt_tokens": prompt}
 
 
 def main(argv=None) -> int:
@@ -143,6 +287,23 @@ def main(argv=None) -> int:
         url = server.url
         print(f"serving {args.model or 'the tiny model'} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
               f"parameters) at {url}", file=sys.stderr)
+    if args.scenario != "sweep":
+        from tridlm.server import ServerConfig
+
+        try:
+            if args.scenario == "mixed":
+                out = asyncio.run(run_mixed(url, args.api_key, args.clients, args.per_client, args.max_tokens))
+            else:
+                limits = worst_allowed(model, ServerConfig())
+                out = asyncio.run(run_abuse(url, args.api_key, limits, args.small_clients, args.small_requests))
+        finally:
+            if server is not None:
+                server.stop()
+        print(json.dumps(out, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "result": out}, f, indent=1)
+        return 0
     body = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "block_length": args.block_length}
     runs: dict[tuple[str, int], list[dict]] = {(m, c): [] for m in modes for c in levels}
     try:

@@ -103,9 +103,9 @@ def test_generate_sampling_options_and_stop(checkpoint, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (("--mode", "beam"), "unknown mode 'beam'"),
-    (("--block-length", "0"), "block_length must be an integer >= 1"),
+    (("--block-length", "0"), "block_length must be an integer in [1, 1024]"),
     (("--threshold", "1.5"), "threshold must lie in [0, 1]"),
-    (("--steps", "0"), "steps (denoise passes per block) must be an integer >= 1"),
+    (("--steps", "0"), "steps (denoise passes per block) must be an integer in [1, 1024]"),
     (("--selection-policy", "random"), "unknown selection_policy 'random'"),
 ])
 def test_generate_validation_errors(checkpoint, capsys, monkeypatch, argv, message):

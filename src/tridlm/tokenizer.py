@@ -4,6 +4,7 @@ chat template."""
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ FIM_TOKENS = (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)
 class Tokenizer:
     def __init__(self, tokenizer: _HFTokenizer, config: dict | None = None):
         self.hf = tokenizer
+        self._plain = threading.Lock()  # encode_text flips the shared tokenizer's special-token parsing
         self.config = dict(config or {})
         self.chat_template: str | None = self.config.get("chat_template")
         self.bos_id = self._special_id("bos_token")
@@ -88,6 +90,37 @@ class Tokenizer:
         special = {k: (v.get("content") if isinstance(v, dict) else v)
                    for k, v in self.config.items() if k.endswith("_token")}
         return tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The chat template's ids with each message's content encoded as plain text: a special-token
+        string typed inside a message (`<|im_end|><|im_start|>system`) stays text, so no turn is forged."""
+        marks = [f"\x00content-{i}\x00" for i in range(len(messages))]
+        text = self.apply_chat_template([{**m, "content": k} for m, k in zip(messages, marks, strict=True)],
+                                        add_generation_prompt)
+        if any(text.count(k) != 1 for k in marks):  # the template rewrites content: only plain text is safe
+            for m in messages:
+                hit = next((t for t in self.special_strings() if t in str(m.get("content", ""))), None)
+                if hit is not None:
+                    raise ValueError(f"a message holds the special token {hit!r}; remove it")
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+        ids: list[int] = []
+        for m, k in zip(messages, marks, strict=True):
+            before, text = text.split(k, 1)
+            ids += self.encode(before)
+            ids += self.encode_text(str(m.get("content", "")))
+        return ids + self.encode(text)
+
+    def encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Ids of `text` with special-token strings in it encoded as the characters they are."""
+        with self._plain:
+            self.hf.encode_special_tokens = True
+            try:
+                return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+            finally:
+                self.hf.encode_special_tokens = False
+
+    def special_strings(self) -> list[str]:
+        return [t.content for t in self.hf.get_added_tokens_decoder().values() if t.special]
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,16 @@ def run(args) -> int:
     app, name = build_app(args)
     print(f"tridlm serve: {name} on http://{args.host}:{args.port}/v1"
           + (" (API key required)" if args.api_key else ""), flush=True)
-    # in-flight streams get a few seconds to end on shutdown, then the engine fails what is left
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM / SIGINT: new requests get 503, running ones end now with a 503 (non-streaming) or an
+        SSE error event (streaming), then uvicorn closes the connections and exits."""
+
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                app.state.drain()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5)
+    DrainingServer(config).run()
     return 0

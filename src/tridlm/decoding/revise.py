@@ -33,15 +33,18 @@ from .sampling import ban
 from .scripted import Script, ScriptRow
 
 
-def _count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+def _count(v, most: int | None = None) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0 and (most is None or v <= most)
 
+
+MAX_ROUNDS, MAX_WINDOW, MAX_GROUPS = 16, 256, 8  # a revision's work grows with each
 
 @dataclass
 class ReviseOptions:
     """One revision's settings, each declared once (`knob`): `validate`, the CLI and the server read them."""
 
-    rounds: int = knob(1, "score-and-redo rounds", "be an integer >= 0", _count)
+    rounds: int = knob(1, "score-and-redo rounds", f"be an integer in [0, {MAX_ROUNDS}]",
+                       lambda v: _count(v, MAX_ROUNDS))
     remask_threshold: float | None = knob(
         None, "re-mask tokens whose probability (masked, in context) is below it (neither it nor budget: below "
         "0.1, at most a tenth of the tokens)", "lie in [0, 1]", lambda v: v is None or 0.0 <= float(v) <= 1.0)
@@ -50,12 +53,14 @@ class ReviseOptions:
         "be an integer >= 0 or a fraction in [0, 1]",
         lambda v: v is None or _count(v) or (isinstance(v, float) and 0.0 <= v <= 1.0))
     window: int = knob(16, "positions scored and re-denoised together (plus `context` after them)",
-                       "be an integer >= 1", lambda v: _count(v) and v >= 1)
-    context: int = knob(8, "right context visible to a window", "be an integer >= 0", _count)
-    groups: int = knob(2, "masked copies per window (0: score tokens visible, one copy)", "be an integer >= 0",
-                       _count)
+                       f"be an integer in [1, {MAX_WINDOW}]", lambda v: _count(v, MAX_WINDOW) and v >= 1)
+    context: int = knob(8, "right context visible to a window", f"be an integer in [0, {MAX_WINDOW}]",
+                        lambda v: _count(v, MAX_WINDOW))
+    groups: int = knob(2, "masked copies per window (0: score tokens visible, one copy)",
+                       f"be an integer in [0, {MAX_GROUPS}]", lambda v: _count(v, MAX_GROUPS))
     min_gain: float = knob(1.0, "a new token replaces the old only if this many times likelier (1: always)",
-                           "be >= 1", lambda v: float(v) >= 1.0)
+                           "be a number >= 1", lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+                           and 1.0 <= v < float("inf"))
     drafter: bool = False  # switch a LoRA drafter on for the noisy copies
     max_forward_tokens: int = 2048  # split the scoring forward beyond this many tokens
 

@@ -71,6 +71,7 @@ class Row:
         self.limit = min(self.params.max_new_tokens, config.max_position_embeddings - len(self.prompt))
         self.cached = 0
         self.prefilled = len(self.prompt) == 1  # a one-token prompt has nothing to prefill
+        self.prefill_chunk: int | None = None  # prefill at most this many prompt tokens per forward (None: all)
         self.tail: list[int] = self.prompt[-1:] if self.prefilled else []
         self.output: list[int] = []
         self.finished = False
@@ -170,7 +171,9 @@ class Mode:
 
     Every mode starts with the same prefill: one causal forward over the prompt minus its last
     token, writing the cache (the last prompt token stays in `row.tail`, to be fed by the first
-    decode forward, which is what yields the first generated token).
+    decode forward, which is what yields the first generated token) -- or, with `row.prefill_chunk`,
+    several, each over the next chunk with the chunks before it cached (a server bounds every
+    forward's width this way).
     """
 
     name = ""
@@ -184,15 +187,18 @@ class Mode:
 
     def plan(self, row: Row) -> Plan:
         if not row.prefilled:
-            n = len(row.prompt) - 1
-            ids = torch.tensor(row.prompt[:-1], device=row.device)
-            return Plan(ids, span(0, n, row.device), "causal", True, ids[:0], prefill=True)
+            start, end = row.cached, len(row.prompt) - 1
+            if row.prefill_chunk:
+                end = min(end, start + row.prefill_chunk)
+            ids = torch.tensor(row.prompt[start:end], device=row.device)
+            return Plan(ids, span(start, end - start, row.device), "causal", True, ids[:0], prefill=True)
         return self.plan_decode(row)
 
     def consume(self, row: Row, plan: Plan, logits: torch.Tensor):
         """Returns which written entries to keep: None = all, int n = the first n, or index tensor."""
         if plan.prefill:
-            row.prefilled, row.tail = True, row.prompt[-1:]
+            if int(plan.positions[-1]) + 2 == len(row.prompt):  # the last chunk: all but the last token cached
+                row.prefilled, row.tail = True, row.prompt[-1:]
             return None
         return self.consume_decode(row, plan, logits)
 

@@ -1,6 +1,7 @@
 """The serving engine: many requests, any modes, decoded together by one worker thread.
 
-One thread owns the model and one `DecodeBatch`. Between two steps it drops cancelled requests
+One thread owns the model and its `DecodeBatch`es (one per forward width, stepped in turn). Between
+two steps it drops cancelled requests
 (freeing their cache rows) and admits waiting ones, so requests join and leave continuously; each
 row computes what it would alone (the batch contract), so a request's greedy output does not depend
 on what else runs -- up to near ties: a batch is a wider forward whose kernels round differently, so
@@ -19,8 +20,13 @@ plain thread-safe queue).
 self-speculation has had on this server; `block_length="auto"` is resolved once, in the worker thread
 (it times forwards), by `tridlm.generate.auto_block_length`.
 
-The parts: `request` (a request, its events, its cancellation), `scheduler` (the waiting and running
-queues, admission, the mode "auto" policy), `runner` (steps the batch, delivers the rows' output),
+Every request is bounded before it is queued: its parameters (`GenerationParams.resolve`, with the
+engine's `max_forward_width`), its cost (`request_cost`: token-forwards it may need), and its
+client's share of the rows (`EngineConfig.max_client_share`).
+
+The parts: `request` (a request, its events, its cancellation, its cost), `scheduler` (the waiting and
+running requests, fair admission, the mode "auto" policy), `runner` (steps the batches, delivers the
+rows' output),
 `stats` (counters and gauges), and `engine` (the `Engine` that wires them, and its worker thread).
 """
 

@@ -8,8 +8,8 @@ import threading
 
 import torch
 
-from ..decoding import GenerationParams
-from .request import AUTO, Request, build_rows, check_shape
+from ..decoding import GenerationError, GenerationParams
+from .request import AUTO, Request, build_rows, check_shape, request_cost
 from .runner import Runner
 from .scheduler import EngineConfig, Scheduler
 from .stats import EngineStats
@@ -25,7 +25,7 @@ class Engine:
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.config = config or EngineConfig()
         self.scheduler = Scheduler(self.config, EngineStats())
-        self.runner = Runner(model, self.scheduler)
+        self.runner = Runner(model, self.scheduler, self.config.prefill_chunk)
         self._thread: threading.Thread | None = None
         if start:
             self.start()
@@ -42,6 +42,12 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
         self.scheduler.fail_everyone("the server is shutting down")
+
+    def drain(self, message: str = "the server is shutting down; retry on another replica or later") -> None:
+        """Refuse new requests and end every running or waiting one now with a "closed" Failed (a server
+        answers them 503); the worker stops at its next look at the queues."""
+        self.scheduler.stop()
+        self.scheduler.fail_everyone(message)
 
     def pause(self) -> None:
         """Hold admission and stepping (cancellations still apply) until resume()."""
@@ -73,15 +79,18 @@ class Engine:
         return self.scheduler.choose_mode(load)
 
     def submit(self, prompts: list[list[int]], params: GenerationParams, n: int = 1,
-               loop: asyncio.AbstractEventLoop | None = None, kind: str = "generate", **row_options) -> Request:
+               loop: asyncio.AbstractEventLoop | None = None, kind: str = "generate", client: str = "",
+               **row_options) -> Request:
         """Validate and queue one request: len(prompts) x n rows, row i seeded with params.seed + i.
 
         kind and row_options: what each row is (`tridlm.rows.make_row`): a continuation of its prompt by
-        default, or an infill (suffix_ids=...), a revision.
+        default, or an infill (suffix_ids=...), a revision. client: who sent it (fair shares are per client).
 
-        Raises GenerationError (bad parameters or prompt), QueueFull, or EngineClosed; never blocks.
+        Raises GenerationError (bad parameters or prompt, or a request costlier than the engine takes),
+        QueueFull, or EngineClosed; never blocks.
         """
-        check_shape(prompts, n, self.config.max_running, self.model.config.vocab_size)
+        c = self.config
+        check_shape(prompts, n, c.max_running, self.model.config.vocab_size, self.model.config.mask_token_id)
         auto_block = params.block_length == AUTO
         auto_mode = params.mode == AUTO
         mode = self.choose_mode(self.load) if auto_mode else params.mode
@@ -94,13 +103,18 @@ class Engine:
 
         def rows_for(block_length: int):
             return build_rows(self.model, self.tokenizer, prompts, params.replace(block_length=block_length), n,
-                              kind, row_options)
+                              kind, row_options, c.max_forward_width)
 
         rows = rows_for(block)  # validates before queueing
         if not auto_block:  # what the rows resolved it to (the checkpoint's block size unless given)
             block = rows[0].params.block_length if rows else block
+        cost = request_cost(rows)
+        if c.max_request_cost is not None and cost > c.max_request_cost:
+            raise GenerationError(f"this request may need {cost} token-forwards (prompt tokens + max_tokens x the "
+                                  f"forward width of its mode, per row); the limit is {c.max_request_cost}: lower "
+                                  "max_tokens, n or block_length")
         req = Request(rows, mode, AUTO if auto_block else block, auto_mode, loop, on_cancel=self.scheduler.cancel,
-                      rebuild_rows=rows_for if auto_block else None)
+                      rebuild_rows=rows_for if auto_block else None, client=client, cost=cost)
         self.scheduler.enqueue(req)
         return req
 
@@ -109,12 +123,12 @@ class Engine:
         try:
             with torch.inference_mode():
                 while True:
-                    admitted = self.scheduler.next_work(self.runner.batch)
+                    admitted = self.scheduler.next_work(self.runner)
                     if admitted is None:
                         return
                     for req in admitted:
                         self.runner.admit(req)
-                    if not self.runner.batch.done:
+                    if not self.runner.idle:
                         self.runner.step()
         except BaseException as e:  # a bug in the loop itself: fail everyone rather than hang them
             log.exception("engine worker died")

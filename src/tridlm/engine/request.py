@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..decoding import GenerationError, GenerationParams, Row, RowMetrics
+from ..decoding.params import SEED_BITS, forward_width
 from ..rows import make_row
 
 AUTO = "auto"  # mode or block_length: the engine decides
@@ -48,9 +49,11 @@ class Request:
 
     def __init__(self, rows: list[Row], mode: str, block_length: int | str, auto_mode: bool,
                  loop: asyncio.AbstractEventLoop | None, on_cancel: Callable[[Request], None],
-                 rebuild_rows: Callable[[int], list[Row]] | None = None):
+                 rebuild_rows: Callable[[int], list[Row]] | None = None, client: str = "", cost: int = 0):
         self.id = next(_ids)
         self.rows = rows
+        self.client = client  # who sent it (an API key or a connection): the scheduler's unit of fairness
+        self.cost = cost  # token-forwards it may need (`request_cost`), computed once at submission
         self.mode = mode
         self.block_length = block_length  # an int once admitted ("auto" until then)
         self.auto_mode = auto_mode
@@ -99,9 +102,22 @@ class Request:
             left -= isinstance(event, Finished)
 
 
-def check_shape(prompts: list[list[int]], n: int, max_rows: int, vocab_size: int) -> None:
-    """Refuse, before any row is built, what the batch could never run: too many rows, or a token id outside
-    the vocabulary (which would fail the forward of every row beside it)."""
+def request_cost(rows: list[Row]) -> int:
+    """Token-forwards the rows may need at most: each prompt's prefill plus, per token still to come, one
+    decode forward's width (`forward_width`: 1 for AR, the block for diffusion and spec, L*(L+1) for
+    spec-quadratic)."""
+    total = 0
+    for r in rows:
+        L = r.params.block_length if isinstance(r.params.block_length, int) else 1
+        total += len(r.prompt) + r.limit * forward_width(r.params.mode, L)
+    return total
+
+
+def check_shape(prompts: list[list[int]], n: int, max_rows: int, vocab_size: int,
+                mask_id: int | None = None) -> None:
+    """Refuse, before any row is built, what the batch could never run: too many rows, a token id outside
+    the vocabulary (which would fail the forward of every row beside it), or the mask token (it marks
+    positions to fill, never text)."""
     if not isinstance(n, int) or n < 1:
         raise GenerationError(f"n must be an integer >= 1, got {n!r}")
     total = len(prompts) * n
@@ -111,17 +127,22 @@ def check_shape(prompts: list[list[int]], n: int, max_rows: int, vocab_size: int
         bad = next((t for t in p if not isinstance(t, int) or not 0 <= t < vocab_size), None)
         if bad is not None:
             raise GenerationError(f"prompt {i} holds token id {bad!r}, outside the vocabulary (0..{vocab_size - 1})")
+        if mask_id is not None and mask_id in p:
+            raise GenerationError(f"prompt {i} holds the mask token (id {mask_id}), which marks positions to fill "
+                                  "and is never text; remove it")
 
 
 def build_rows(model, tokenizer, prompts: list[list[int]], params: GenerationParams, n: int,
-               kind: str = "generate", row_options: dict | None = None) -> list[Row]:
-    """len(prompts) x n rows of `kind` (`tridlm.rows.make_row`), row i seeded with params.seed + i;
-    building a row validates its parameters."""
+               kind: str = "generate", row_options: dict | None = None,
+               max_forward_width: int | None = None) -> list[Row]:
+    """len(prompts) x n rows of `kind` (`tridlm.rows.make_row`), row i seeded with params.seed + i (mod
+    2**64); building a row validates its parameters."""
+    checked = params.resolve(model.config, [len(p) for p in prompts], max_forward_width=max_forward_width)
     if kind == "generate":  # resolved once for the request (infill and revision rows resolve their own layout)
-        params = params.resolve(model.config, [len(p) for p in prompts])
+        params = checked
     rows = []
     for i in range(len(prompts) * n):
-        seed = None if params.seed is None else params.seed + i
+        seed = None if params.seed is None else (params.seed + i) % (1 << SEED_BITS)
         rows.append(make_row(kind, prompts[i // n], params, model.config, tokenizer, seed=seed, device=model.device,
                              **dict(row_options or {})))
     return rows

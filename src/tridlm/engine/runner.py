@@ -1,8 +1,15 @@
-"""The worker thread's hands: one `DecodeBatch` over the model, stepped while it holds rows.
+"""The worker thread's hands: the `DecodeBatch`es over the model, stepped in turn while they hold rows.
 
-Admitted requests' rows join the batch between steps; after each step what every row made final
-goes out as its request's events, and a request whose rows have all finished is handed back to the
-scheduler. A failing step fails only the requests in that batch; the next ones get a fresh batch.
+Rows are batched with rows of the same forward width (a power-of-two class of `forward_width`: AR
+rows together, blocks of 8 together, ...), because a batch pads every row to its widest plan: one
+spec-quadratic row beside fifteen AR rows would make each of them compute a thousand tokens. The
+batches take one forward each in turn, so every request gets a decode step per round whatever else
+runs, and a round costs what its rows need, not the widest row times all of them. Prompts prefill in
+chunks of `prefill_chunk` tokens for the same reason.
+
+Admitted requests' rows join between steps; after each step what every row made final goes out as
+its request's events, and a request whose rows have all finished is handed back to the scheduler. A
+failing step fails only the requests in that batch; the next ones get a fresh batch.
 """
 
 from __future__ import annotations
@@ -11,29 +18,58 @@ import logging
 import time
 
 from ..decoding import DecodeBatch
+from ..decoding.params import forward_width
 from .request import AUTO, Delta, Finished, Request
 from .scheduler import Scheduler
 
 log = logging.getLogger("tridlm.engine")
 
 
-class Runner:
-    """Owns the batch; only the engine's worker thread calls it."""
+def width_class(req: Request) -> int:
+    """The batch a request's rows join: its decode forwards' width, rounded up to a power of two."""
+    w = forward_width(req.mode, req.block_length) if isinstance(req.block_length, int) else 1
+    return 1 << (max(1, w) - 1).bit_length()
 
-    def __init__(self, model, scheduler: Scheduler):
+
+class Runner:
+    """Owns the batches; only the engine's worker thread calls it."""
+
+    def __init__(self, model, scheduler: Scheduler, prefill_chunk: int | None = None):
         self.model = model
         self.scheduler = scheduler
-        self.batch = DecodeBatch(model)
+        self.prefill_chunk = prefill_chunk
+        self.batches: dict[int, DecodeBatch] = {}  # width class -> its batch
+        self.turn = 0  # which batch steps next (round-robin over the non-empty ones)
         self.auto_block: int | None = None  # what block_length="auto" resolved to, once it was needed
 
+    # -- what the scheduler reads and asks -----------------------------------------------------------------
+    @property
+    def row_count(self) -> int:
+        return sum(len(b.rows) for b in self.batches.values())
+
+    @property
+    def idle(self) -> bool:
+        return all(b.done for b in self.batches.values())
+
+    def remove(self, rows) -> None:
+        """Take rows out of whichever batch holds them (frees their cache entries)."""
+        for b in self.batches.values():
+            b.remove(*rows)
+
+    # -- the worker's steps ------------------------------------------------------------------------------------
     def admit(self, req: Request) -> None:
-        """Put the request's rows into the batch (resolving block_length="auto" first)."""
+        """Put the request's rows into the batch of their width (resolving block_length="auto" first)."""
         try:
             if req.block_length == AUTO:
                 block = self.resolve_auto_block()
                 req.rows = req.rebuild_rows(block)
                 req.block_length = block
-            self.batch.add(*req.rows)
+            for r in req.rows:
+                r.prefill_chunk = self.prefill_chunk
+            key = width_class(req)
+            if key not in self.batches:
+                self.batches[key] = DecodeBatch(self.model)
+            self.batches[key].add(*req.rows)
         except Exception as e:
             log.exception("admitting request %d failed", req.id)
             self.scheduler.fail(req, f"could not start decoding: {e}")
@@ -50,14 +86,20 @@ class Runner:
         return self.auto_block
 
     def step(self) -> None:
-        """One forward for every row in the batch, then deliver what it made final."""
-        rows = len(self.batch.rows)
+        """One forward for the next batch in turn, then deliver what it made final."""
+        live = [k for k in sorted(self.batches) if not self.batches[k].done]
+        if not live:
+            return
+        key = live[self.turn % len(live)]
+        self.turn += 1
+        batch = self.batches[key]
+        rows, members = len(batch.rows), {id(r) for r in batch.rows}
         try:
-            self.batch.step()
-        except Exception as e:  # one bad step must not take the server down: fail this batch, go on
+            batch.step()
+        except Exception as e:  # one bad step must not take the server down: fail that batch, go on
             log.exception("decoding step failed")
-            self.scheduler.fail_running(f"decoding failed: {e}")
-            self.batch = DecodeBatch(self.model)
+            self.scheduler.fail_running(f"decoding failed: {e}", lambda req: any(id(r) in members for r in req.rows))
+            self.batches[key] = DecodeBatch(self.model)
             return
         self.scheduler.count_forward(rows)
         for req in list(self.scheduler.running):

@@ -1,6 +1,12 @@
 """Who waits and who runs: admission into the batch's free rows, cancellation, the end of each request,
 and the choice mode="auto" makes.
 
+Fairness: each client (the server names its connection; requests without one share no limit) may
+hold at most `max_client_share` of the running rows and of the queue, and admission goes round the
+clients, least recently served first, taking each one's oldest request that fits: one client's big
+request never holds back another's small one, and a request that does not fit yet does not block
+those behind it from other clients.
+
 One lock (a condition the worker thread sleeps on) guards the queues and the stats; every method here
 takes it, so the submitting threads and the worker can call them freely.
 """
@@ -9,7 +15,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,7 +23,7 @@ from .request import Failed, Request
 from .stats import EngineStats
 
 if TYPE_CHECKING:
-    from ..decoding import DecodeBatch, Row
+    from ..decoding import Row
 
 
 @dataclass
@@ -32,10 +37,20 @@ class EngineConfig:
     # acceptance below this (2 = a draft+verify cycle makes no more tokens than two AR steps) means AR always
     auto_min_acceptance: float = 2.0
     auto_probe: int = 32
+    max_client_share: float = 0.5  # of the running rows and of the queue, per client (1: no limit)
+    max_forward_width: int | None = 64  # tokens a row's decode forward may hold (spec-quadratic: L*(L+1))
+    prefill_chunk: int | None = 128  # prompt tokens per prefill forward: no join stalls the batch for long
+    max_request_cost: int | None = 1 << 19  # token-forwards a request may need (`Request.cost`)
 
     def __post_init__(self):
         if self.max_running < 1 or self.max_queue < 0 or self.auto_spec_below < 0 or self.auto_probe < 1:
             raise ValueError("max_running and auto_probe must be >= 1, max_queue and auto_spec_below >= 0")
+        if not 0.0 < self.max_client_share <= 1.0:
+            raise ValueError(f"max_client_share must lie in (0, 1], got {self.max_client_share}")
+
+    def client_rows(self, total: int) -> int:
+        """Rows of `total` one client may hold (at least one request's worth of one row)."""
+        return max(1, int(total * self.max_client_share))
         for m in (self.auto_light, self.auto_heavy):
             if m not in MODES:
                 raise ValueError(f"auto mode choice {m!r} is not one of {', '.join(MODES)}")
@@ -50,13 +65,15 @@ class EngineClosed(RuntimeError):
 
 
 class Scheduler:
-    """The waiting queue (FIFO, no overtaking), the running requests, and the cancellations not yet applied."""
+    """The waiting requests (in arrival order), the running ones, and the cancellations not yet applied."""
 
     def __init__(self, config: EngineConfig, stats: EngineStats):
         self.config = config
         self.stats = stats
         self.lock = threading.Condition()  # reentrant: methods here call each other holding it
-        self.waiting: deque[Request] = deque()
+        self.waiting: list[Request] = []
+        self.served: dict[str, int] = {}  # client -> when it was last admitted (a counter), for the round
+        self._ticks = 0
         self.running: list[Request] = []
         self.cancels: list[Request] = []
         self.paused = False
@@ -92,6 +109,12 @@ class Scheduler:
             if s.waiting_rows + len(req.rows) - max(0, c.max_running - s.running_rows) > c.max_queue:
                 s.requests["rejected"] += 1
                 raise QueueFull(f"the request queue is full ({c.max_queue} rows waiting); retry later")
+            mine = self._rows_of(req.client)
+            cap = c.client_rows(c.max_running) + c.client_rows(c.max_queue)
+            if req.client and mine + len(req.rows) > cap:
+                s.requests["rejected"] += 1
+                raise QueueFull(f"this client already has {mine} rows running or waiting, and at most {cap} are "
+                                "allowed per client; wait for them to finish")
             if req.auto_mode:
                 s.auto_choices[req.mode] += 1
             self.waiting.append(req)
@@ -119,27 +142,51 @@ class Scheduler:
             self.lock.notify_all()
 
     # -- from the worker thread -----------------------------------------------------------------------
-    def next_work(self, batch: DecodeBatch) -> list[Request] | None:
-        """Wait for work, apply cancellations, move the waiting requests that fit into running; None = stop."""
+    def next_work(self, runner) -> list[Request] | None:
+        """Wait for work, apply cancellations, move the waiting requests that fit into running; None = stop.
+
+        `runner` holds the rows (`row_count`, `idle`, `remove(rows)`)."""
         with self.lock:
             while True:
                 if self.closing:
                     return None
                 if self.cancels:
-                    self._apply_cancels(batch)
-                if not self.paused and (self.waiting or not batch.done):
+                    self._apply_cancels(runner)
+                if not self.paused and (self.waiting or not runner.idle):
                     break
                 self.lock.wait()
-            admitted = []
-            free = self.config.max_running - len(batch.rows)
-            while self.waiting and len(self.waiting[0].rows) <= free:
-                req = self.waiting.popleft()
-                free -= len(req.rows)
-                self.running.append(req)
-                admitted.append(req)
-                self.stats.queue_wait.observe(time.perf_counter() - req.submitted)
+            admitted = self._admit(self.config.max_running - runner.row_count)
             self._update_gauges()
             return admitted
+
+    def _admit(self, free: int) -> list[Request]:
+        """Round the clients, least recently served first, admitting each one's oldest request that fits."""
+        c, admitted = self.config, []
+        cap = c.client_rows(c.max_running)
+        while free > 0:
+            heads: dict[str, Request] = {}
+            for req in self.waiting:
+                heads.setdefault(req.client, req)
+            fits = [r for r in heads.values() if len(r.rows) <= free and (
+                not r.client or not self._running_rows_of(r.client)
+                or self._running_rows_of(r.client) + len(r.rows) <= cap)]
+            if not fits:
+                return admitted
+            req = min(fits, key=lambda r: (self.served.get(r.client, -1), r.submitted))
+            self.waiting.remove(req)
+            self.running.append(req)
+            self._ticks += 1
+            self.served[req.client] = self._ticks
+            free -= len(req.rows)
+            admitted.append(req)
+            self.stats.queue_wait.observe(time.perf_counter() - req.submitted)
+        return admitted
+
+    def _running_rows_of(self, client: str) -> int:
+        return sum(len(r.rows) for r in self.running if r.client == client)
+
+    def _rows_of(self, client: str) -> int:
+        return self._running_rows_of(client) + sum(len(r.rows) for r in self.waiting if r.client == client)
 
     def count_row(self, req: Request, row: Row) -> None:
         with self.lock:
@@ -165,12 +212,12 @@ class Scheduler:
             self._end(req, Failed(message), "failed")
             self._update_gauges()
 
-    def fail_running(self, message: str) -> None:
-        """A step failed: every running request fails with it (waiting ones stay queued)."""
+    def fail_running(self, message: str, which=lambda req: True) -> None:
+        """A step failed: the running requests `which` picks fail with it (waiting ones stay queued)."""
         with self.lock:
-            for req in list(self.running):
+            for req in [r for r in self.running if which(r)]:
                 self._end(req, Failed(message), "failed")
-            self.running.clear()
+                self.running.remove(req)
             self._update_gauges()
 
     def fail_everyone(self, message: str) -> None:
@@ -189,11 +236,11 @@ class Scheduler:
             self.fail_everyone(message)
 
     # -- bookkeeping (the lock is held) ---------------------------------------------------------------
-    def _apply_cancels(self, batch: DecodeBatch) -> None:
+    def _apply_cancels(self, runner) -> None:
         for req in self.cancels:
             if req.done:
                 continue
-            batch.remove(*req.rows)  # frees the rows' cache entries
+            runner.remove(req.rows)  # frees the rows' cache entries
             if req in self.running:
                 self.running.remove(req)
             elif req in self.waiting:

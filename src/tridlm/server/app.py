@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
@@ -33,7 +34,7 @@ from ..engine import AUTO, Delta, Engine, EngineClosed, EngineConfig, Failed, Fi
 from . import errors, prometheus
 from .errors import APIError, from_validation_error, invalid
 from .openai_format import Formatter, sse, usage
-from .prompts import Limits, chat_prompt, completion_prompts, generation_params
+from .prompts import Limits, chat_prompt, check_request_size, completion_prompts, generation_params
 from .schemas import ChatCompletionRequest, CompletionRequest, RevisionRequest
 
 
@@ -42,6 +43,7 @@ class ServerConfig:
     model_name: str = "tridlm"
     api_key: str | None = None  # None: no auth
     max_body_bytes: int = 1 << 20
+    body_timeout_s: float = 30.0  # a body not fully sent by then is refused (408): no stalled read holds a slot
     limits: Limits = field(default_factory=Limits)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -50,22 +52,36 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not a valid JSON number")
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object, refusing bodies over `limit` bytes before reading them whole."""
+async def read_json(request: Request, limit: int, timeout: float = 30.0) -> dict:
+    """The body as a JSON object of valid Unicode text, refusing bodies over `limit` bytes before reading
+    them whole and bodies still arriving after `timeout` seconds."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body is {declared} bytes; the limit is {limit}")
     buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                buf += chunk
+                if len(buf) > limit:
+                    raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s") from None
     try:
         data = json.loads(bytes(buf), parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(400, "malformed JSON body: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"malformed JSON body: {e}") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the JSON body must be an object, got {type(data).__name__}")
+    try:  # JSON may spell lone UTF-16 surrogates ("\ud800"), which are no text any tokenizer can read
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the JSON body holds a lone UTF-16 surrogate (such as \\ud800), which is not text; "
+                       "send valid Unicode") from None
+    except RecursionError:
+        raise APIError(400, "malformed JSON body: nested too deeply") from None
     return data
 
 
@@ -87,7 +103,7 @@ class _HTTPStatsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), [500]
+        t0, status = time.perf_counter(), [499]  # no answer at all: the client left before one (not a server error)
 
         async def send_(message):
             if message["type"] == "http.response.start":
@@ -119,8 +135,9 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
     limits = config.limits
     if limits.default_mode not in (*MODES, AUTO):
         raise ValueError(f"default mode {limits.default_mode!r} is not one of {', '.join((*MODES, AUTO))}")
-    http_stats = prometheus.HTTPStats()
     started = time.time()
+    server_metrics = prometheus.ServerMetrics(engine.stats, started)  # a registry of this app's own
+    http_stats = server_metrics.http
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -129,10 +146,12 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
         if owns_engine:
             await asyncio.to_thread(engine.close)
 
-    app = FastAPI(title="tridlm", lifespan=lifespan)
+    app = FastAPI(title="tridlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.config = config
+    app.state.drain = engine.drain  # SIGTERM: `tridlm serve` ends every request with a 503 before exiting
     errors.install(app)
+    app.add_middleware(errors.CatchAll)
     app.add_middleware(_HTTPStatsMiddleware, stats=http_stats)
 
     def check_api_key(request: Request) -> None:
@@ -151,9 +170,15 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
             raise APIError(404, f"model {name!r} does not exist; this server serves {config.model_name!r}",
                            "model", code="model_not_found")
 
-    def submit(prompts: list[list[int]], params, n: int, kind: str = "generate", **row_options):
+    def client_of(request: Request) -> str:
+        """Who a request comes from, for the engine's fair shares: its connection."""
+        c = request.client
+        return f"{c.host}:{c.port}" if c else "unknown"
+
+    def submit(request: Request, prompts: list[list[int]], params, n: int, kind: str = "generate", **row_options):
         try:
-            return engine.submit(prompts, params, n=n, loop=asyncio.get_running_loop(), kind=kind, **row_options)
+            return engine.submit(prompts, params, n=n, loop=asyncio.get_running_loop(), kind=kind,
+                                 client=client_of(request), **row_options)
         except GenerationError as e:
             raise invalid(str(e)) from None
         except QueueFull as e:
@@ -162,7 +187,7 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
             raise APIError(503, str(e)) from None
 
     async def run(request: Request, body, prompts, params, chat: bool, kind: str = "generate", **row_options):
-        req = submit(prompts, params, body.n or 1, kind, **row_options)
+        req = submit(request, prompts, params, body.n or 1, kind, **row_options)
         fmt = Formatter(chat, config.model_name, req.mode)
         lengths = [len(p) for p in prompts]
         if body.stream:
@@ -187,6 +212,8 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
                 elif isinstance(ev, Finished):
                     reasons[ev.index], metrics[ev.index] = ev.reason, ev.metrics
                 elif isinstance(ev, Failed):
+                    if ev.reason == "cancelled":  # the client left: nobody reads this answer
+                        raise APIError(499, "the client closed the request")
                     raise APIError(503 if ev.reason == "closed" else 500, ev.message)
         finally:
             watch.cancel()
@@ -211,8 +238,8 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
                     if left == 0 and not include_usage:  # no usage chunk was asked for: the last chunk has it
                         u = usage(lengths, metrics, req.mode, req.block_length)
                     yield sse(fmt.chunk(ev.index, reason=ev.reason, usage_=u))
-                elif isinstance(ev, Failed):
-                    yield sse(errors.error_body(500, ev.message))
+                elif isinstance(ev, Failed):  # e.g. the server is shutting down: the stream says so, then ends
+                    yield sse(errors.error_body(503 if ev.reason == "closed" else 500, ev.message))
                     break
             else:
                 if include_usage:
@@ -232,10 +259,17 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
             body["error"] = failure
         return JSONResponse(body, status_code=503 if failure else 200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(check_api_key)])  # what runs and how much: not for anyone
     async def metrics():
-        return PlainTextResponse(prometheus.render(engine.stats(), http_stats, started),
-                                 media_type=prometheus.CONTENT_TYPE)
+        return PlainTextResponse(server_metrics.render(), media_type=prometheus.CONTENT_TYPE)
+
+    @app.get("/openapi.json", dependencies=[Depends(check_api_key)], include_in_schema=False)
+    async def openapi():
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", dependencies=[Depends(check_api_key)], include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="tridlm")
 
     @app.get("/v1/models", dependencies=[Depends(check_api_key)])
     async def models():
@@ -248,7 +282,7 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
 
     @app.post("/v1/completions", dependencies=[Depends(check_api_key)])
     async def completions(request: Request):
-        body = parse(CompletionRequest, await read_json(request, config.max_body_bytes))
+        body = parse(CompletionRequest, await read_json(request, config.max_body_bytes, config.body_timeout_s))
         check_model(body.model)
         max_tokens = body.max_tokens or limits.default_max_tokens
         params = generation_params(body, limits, max_tokens)
@@ -262,7 +296,7 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
 
     @app.post("/v1/revise", dependencies=[Depends(check_api_key)])
     async def revise(request: Request):
-        body = parse(RevisionRequest, await read_json(request, config.max_body_bytes))
+        body = parse(RevisionRequest, await read_json(request, config.max_body_bytes, config.body_timeout_s))
         check_model(body.model)
         if tokenizer is None:
             raise invalid("revision needs a tokenizer; this server has none", "text")
@@ -272,9 +306,15 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
         if total > model.config.max_position_embeddings:
             raise invalid(f"prefix + text + suffix hold {total} tokens, more than the model's context window of "
                           f"{model.config.max_position_embeddings}", "text")
+        check_request_size([prefix_ids + text_ids + suffix_ids], 1, 1, limits, "text")
+        per_round = len(text_ids) if body.budget is None else min(len(text_ids), int(body.budget * len(text_ids))
+                                                                  if isinstance(body.budget, float) else body.budget)
+        if body.rounds * per_round > limits.max_revise_tokens:
+            raise invalid(f"rounds x tokens re-masked per round = {body.rounds} x {per_round}; at most "
+                          f"{limits.max_revise_tokens}: lower rounds or budget", "rounds")
         params = GenerationParams(mode="diffusion", max_new_tokens=max(1, len(text_ids)), temperature=body.temperature,
                                   seed=body.seed)
-        req = submit([text_ids], params, 1, "revise", prefix_ids=prefix_ids, suffix_ids=suffix_ids,
+        req = submit(request, [text_ids], params, 1, "revise", prefix_ids=prefix_ids, suffix_ids=suffix_ids,
                      rounds=body.rounds, remask_threshold=body.remask_threshold, budget=body.budget,
                      min_gain=body.min_gain, drafter=has_drafter)
         await collect(request, req)
@@ -284,10 +324,12 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_api_key)])
     async def chat_completions(request: Request):
-        body = parse(ChatCompletionRequest, await read_json(request, config.max_body_bytes))
+        body = parse(ChatCompletionRequest, await read_json(request, config.max_body_bytes, config.body_timeout_s))
         check_model(body.model)
         prompt, stop_ids, extra_stop = chat_prompt(body, tokenizer, model.config)
-        params = generation_params(body, limits, body.max_completion_tokens or body.max_tokens, stop_ids, extra_stop)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        check_request_size([prompt], body.n or 1, max_tokens or limits.max_tokens_cap, limits, "messages")
+        params = generation_params(body, limits, max_tokens, stop_ids, extra_stop)
         return await run(request, body, [prompt], params, chat=True)
 
     return app

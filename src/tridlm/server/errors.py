@@ -6,6 +6,7 @@ queue, an unknown route, a bug), so a client always gets a readable message and 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -18,7 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("tridlm.server")
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+         404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+         413: "invalid_request_error", 499: "client_closed_request",
          429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 # request fields a message may be about, for the error's `param`
@@ -95,7 +97,37 @@ def install(app: FastAPI) -> None:
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(e.status_code, e.detail)
         return error_response(e.status_code, str(message), headers=getattr(e, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, e: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, f"internal error: {type(e).__name__}: {e}")
+
+
+INTERNAL = "internal server error; the details are in the server's log"
+
+
+class CatchAll:
+    """ASGI middleware: an exception no handler took becomes a JSON 500 saying only that (the details go
+    to the log), and the connection stays usable -- an exception reaching the ASGI server would drop the
+    keep-alive connection, failing the client's next request too."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:  # mid-response: nothing more can be said; the response just ends
+                return
+            body = json.dumps(error_body(500, INTERNAL)).encode()
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})

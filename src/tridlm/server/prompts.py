@@ -27,6 +27,9 @@ class Limits:
     max_tokens_cap: int = 2048
     max_n: int = 8
     max_prompts: int = 16  # prompts in one completions request
+    max_prompt_tokens: int = 8192  # all of one request's prompts together (each prefill is work before any token)
+    max_new_tokens_total: int = 16384  # prompts x n x max_tokens: the tokens one request may ask for
+    max_revise_tokens: int = 512  # rounds x tokens re-masked per round (the budget, else all that may be)
 
 
 def generation_params(body: CompletionRequest | ChatCompletionRequest, limits: Limits, max_tokens: int | None,
@@ -39,13 +42,16 @@ def generation_params(body: CompletionRequest | ChatCompletionRequest, limits: L
         raise invalid(f"{field} must be <= {limits.max_tokens_cap}, got {max_tokens}", field)
     if (body.n or 1) > limits.max_n:
         raise invalid(f"n must be <= {limits.max_n}, got {body.n}", "n")
+    if isinstance(body.stop, list) and any(len(s) > 256 for s in body.stop) or isinstance(body.stop, str) \
+            and len(body.stop) > 256:
+        raise invalid("stop sequences must be at most 256 characters each", "stop")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     kw = dict(mode=mode, max_new_tokens=max_tokens or limits.max_tokens_cap,
               temperature=limits.default_temperature if body.temperature is None else body.temperature,
               seed=body.seed, stop=stop + extra_stop, stop_token_ids=stop_token_ids,
               ignore_eos=bool(body.ignore_eos))
     for name in ("top_p", "top_k", "block_length", "threshold", "commit_threshold", "draft_threshold", "steps",
-                 "selection_policy"):
+                 "selection_policy"):  # ranges: checked by the request schema, from GenerationParams' declarations
         if getattr(body, name) is not None:
             kw[name] = getattr(body, name)
     return GenerationParams(**kw)
@@ -79,7 +85,19 @@ def completion_prompts(body: CompletionRequest, tokenizer, config, limits: Limit
         else:
             ids = list(item)
         out.append(_check_length(ids, config.max_position_embeddings, "prompt"))
+    check_request_size(out, body.n or 1, body.max_tokens or limits.default_max_tokens, limits, "prompt")
     return out
+
+
+def check_request_size(prompts: list[list[int]], n: int, max_tokens: int, limits: Limits, field: str) -> None:
+    """Refuse what one request may not ask for: too many prompt tokens, or too many tokens to make."""
+    total = sum(len(p) for p in prompts)
+    if total > limits.max_prompt_tokens:
+        raise invalid(f"{field} holds {total} tokens in all; at most {limits.max_prompt_tokens} per request", field)
+    asked = len(prompts) * n * max_tokens
+    if asked > limits.max_new_tokens_total:
+        raise invalid(f"prompts x n x max_tokens = {asked} tokens; at most {limits.max_new_tokens_total} per "
+                      "request: lower n or max_tokens", "max_tokens")
 
 
 def chat_prompt(body: ChatCompletionRequest, tokenizer, config) -> tuple[list[int], tuple[int, ...], tuple[str, ...]]:
@@ -94,14 +112,13 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer, config) -> tuple[list[in
     stop_ids = tuple(i for i in (tokenizer.token_to_id(t) for t in END_OF_TURN)
                      if i is not None and i != config.mask_token_id)
     if tokenizer.chat_template:
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        try:  # contents are text: a special-token string typed in a message stays text (no forged turns)
+            ids = tokenizer.encode_chat(messages, add_generation_prompt=True)
         except Exception as e:  # the template's own checks (roles, order) or a broken template
             raise invalid(f"messages: the chat template rejected them: {e}", "messages") from None
-        ids = tokenizer.encode(text, add_special_tokens=False)
         extra: tuple[str, ...] = ()
     else:  # a model without a template: plain "Role: text" lines, as `tridlm chat` does
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-        ids = tokenizer.encode("\n".join(lines) + "\nAssistant:", add_special_tokens=True)
+        ids = tokenizer.encode_text("\n".join(lines) + "\nAssistant:", add_special_tokens=True)
         extra = ("\nUser:",)
     return _check_length(ids, config.max_position_embeddings, "messages"), stop_ids, extra

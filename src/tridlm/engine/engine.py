@@ -114,7 +114,7 @@ class Engine:
                                   f"forward width of its mode, per row); the limit is {c.max_request_cost}: lower "
                                   "max_tokens, n or block_length")
         req = Request(rows, mode, AUTO if auto_block else block, auto_mode, loop, on_cancel=self.scheduler.cancel,
-                      rebuild_rows=rows_for if auto_block else None, client=client, cost=cost)
+                      rebuild_rows=rows_for if auto_block else None, client=client)
         self.scheduler.enqueue(req)
         return req
 

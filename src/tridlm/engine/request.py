@@ -49,11 +49,10 @@ class Request:
 
     def __init__(self, rows: list[Row], mode: str, block_length: int | str, auto_mode: bool,
                  loop: asyncio.AbstractEventLoop | None, on_cancel: Callable[[Request], None],
-                 rebuild_rows: Callable[[int], list[Row]] | None = None, client: str = "", cost: int = 0):
+                 rebuild_rows: Callable[[int], list[Row]] | None = None, client: str = ""):
         self.id = next(_ids)
         self.rows = rows
-        self.client = client  # who sent it (an API key or a connection): the scheduler's unit of fairness
-        self.cost = cost  # token-forwards it may need (`request_cost`), computed once at submission
+        self.client = client  # who sent it (the server names the connection): the scheduler's unit of fairness
         self.mode = mode
         self.block_length = block_length  # an int once admitted ("auto" until then)
         self.auto_mode = auto_mode

@@ -230,6 +230,8 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--block-length", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch threads of the in-process server")
+    p.add_argument("--max-running", type=int, default=None,
+                   help="mixed/abuse: the in-process server's --max-running (default: tridlm serve's)")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -255,7 +257,8 @@ def serve_in_process(args, levels: list[int]):
         need = max(levels)
         cfg = ServerConfig(engine=EngineConfig(max_running=need, max_queue=4 * need))
     else:  # the server as `tridlm serve` configures it
-        cfg = ServerConfig()
+        cfg = ServerConfig() if args.max_running is None else \
+            ServerConfig(engine=EngineConfig(max_running=args.max_running, max_queue=4 * args.max_running))
     return ServerThread(create_app(model, config=cfg)).start(), model
 
 

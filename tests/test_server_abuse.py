@@ -232,6 +232,53 @@ def test_a_small_request_steps_in_turn_beside_the_widest_allowed_one(model):
         engine.close()
 
 
+class _FakeBatch:
+    """Stands in for a DecodeBatch: each step advances the fake clock by its forward's cost."""
+
+    def __init__(self, clock: list[float], cost: float, steps: int):
+        self.clock, self.cost, self.left, self.rows, self.taken = clock, cost, steps, [object()], 0
+
+    @property
+    def done(self):
+        return self.left == 0
+
+    def step(self):
+        self.clock[0] += self.cost
+        self.left -= 1
+        self.taken += 1
+
+
+class _NoScheduler:
+    running = ()
+
+    def count_forward(self, rows):
+        pass
+
+
+def test_width_classes_share_forward_time_equally_under_a_fake_clock():
+    """A 1 s forward class beside a 10 ms one: the cheap class gets about 100 steps per expensive one, the
+    two classes' forward times never drift apart by more than one step, and a class that joins late starts
+    level with the others (no catch-up burst for the time it was away)."""
+    from tridlm.engine.runner import Runner
+
+    now = [0.0]
+    runner = Runner(None, _NoScheduler(), clock=lambda: now[0])
+    cheap, heavy = _FakeBatch(now, 0.01, 10_000), _FakeBatch(now, 1.0, 10_000)
+    runner.batches = {1: cheap, 64: heavy}
+    for _ in range(1010):
+        runner.step()
+        assert abs(runner.busy[1] - runner.busy[64]) <= 1.0 + 1e-9
+    assert heavy.taken == 10 and cheap.taken == 1000
+    late = _FakeBatch(now, 0.1, 10_000)
+    runner.batches[8] = late
+    runner.step()
+    assert runner.busy[8] == pytest.approx(min(runner.busy[1], runner.busy[64]) + (0.1 if late.taken else 0.0))
+    for _ in range(300):
+        runner.step()
+    shares = sorted(runner.busy.values())
+    assert shares[-1] - shares[0] <= 1.0 + 1e-9
+
+
 # -- SIGTERM: every request ends with a 503, then the process exits --------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:

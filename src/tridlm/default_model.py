@@ -34,8 +34,8 @@ def has_drafter() -> bool:
     return (adapter_dir() / "adapter_model.safetensors").is_file()
 
 
-def recommended_block_length(fallback: int = 8) -> int:
-    """The block length the shipped drafter's measurements favour (results.json), else `fallback`."""
+def drafter_block_length(fallback: int) -> int:
+    """The block the shipped drafter was trained and measured at (results.json), else `fallback`."""
     import json
 
     results = asset_dir() / "results.json"
@@ -44,14 +44,8 @@ def recommended_block_length(fallback: int = 8) -> int:
     return int(json.loads(results.read_text()).get("best_block_length", fallback))
 
 
-def default_block_length(name: str | None, config) -> int:
-    """What demo and eval decode at when no block length is given: for the default model (`name` None or
-    'default') the shipped drafter's measured best, for any other checkpoint its own block_size."""
-    return recommended_block_length(config.block_size) if name in (None, "default") else config.block_size
-
-
-BLOCK_LENGTH_HELP = "diffusion/spec block length (default: the default model's measured best, else the checkpoint's " \
-    "block_size)"
+BLOCK_LENGTH_HELP = ("diffusion/spec block length (default: the model's block_size; the default model's is the block "
+                     "its drafter was trained at)")
 
 
 def default_model_paths() -> tuple[Path, Path]:
@@ -97,6 +91,9 @@ class ModelSource:
         from .loader import load
 
         model = load(self.folder, dtype=dtype, draft_adapter=self.draft_adapter)
+        if self.kind == DEFAULT and self.draft_adapter is not False:
+            # the converted base says SmolLM2's placeholder block; the model decodes at its drafter's block
+            model.config.block_size = drafter_block_length(model.config.block_size)
         return (model if device is None else model.to(device)).eval()
 
 

@@ -49,7 +49,7 @@ def _say(msg: str) -> None:
 def run(args) -> int:
     import torch
 
-    from tridlm.default_model import default_block_length, resolve_model
+    from tridlm.default_model import resolve_model
     from tridlm.generate import generate
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -60,7 +60,7 @@ def run(args) -> int:
     model = resolve_model(args.model, progress=_say)
     _say(f"model ready in {time.perf_counter() - t0:.1f} s ({model.num_parameters() / 1e6:.1f} M parameters)")
     tok = model.tokenizer
-    block = args.block_length or default_block_length(args.model, model.config)
+    block = args.block_length or model.config.block_size
     prompts = demo_prompts()
     rows, summary = [], {}
     ar_ids: dict[str, list[int]] = {}

@@ -154,7 +154,7 @@ def run_modes(args, log) -> int:
     from pathlib import Path
 
     from tridlm.bench.prompts import load_prompts
-    from tridlm.default_model import default_block_length, resolve_model
+    from tridlm.default_model import resolve_model
     from tridlm.eval import modes, suite
     from tridlm.machine import machine_info
 
@@ -168,7 +168,7 @@ def run_modes(args, log) -> int:
     model, description = suite.load_model(args.model, log)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: the evaluation works on text")
-    L = args.block_length or default_block_length(args.model, model.config)
+    L = args.block_length or model.config.block_size
     # the same model without its drafter ('default': the SmolLM2 base)
     base = model if model.draft_adapter is None else resolve_model(args.model, draft_adapter=False)
     runs = modes.default_runs(L, threshold=args.threshold)
@@ -192,7 +192,6 @@ def run_lm_eval(args, log) -> int:
     from pathlib import Path
 
     from tridlm.decoding.params import MODES
-    from tridlm.default_model import default_block_length
     from tridlm.eval import modes, suite
     from tridlm.machine import machine_info
 
@@ -221,7 +220,7 @@ def run_lm_eval(args, log) -> int:
         raise ValueError(f"unknown lm-eval task {unknown[0]!r}; tridlm's are {', '.join(TASKS)}")
     model, description = suite.load_model(args.model, log)
     model = model.to(dtype)
-    L = args.block_length or default_block_length(args.model, model.config)
+    L = args.block_length or model.config.block_size
     by_mode = {r.mode: r for r in modes.default_runs(L, threshold=args.threshold) if not r.base}
     # the tasks' own new-token limits unless one is given
     given = args.max_new_tokens != build_defaults()["max_new_tokens"]

@@ -3,9 +3,11 @@
 Rows are batched with rows of the same forward width (a power-of-two class of `forward_width`: AR
 rows together, blocks of 8 together, ...), because a batch pads every row to its widest plan: one
 spec-quadratic row beside fifteen AR rows would make each of them compute a thousand tokens. The
-batches take one forward each in turn, so every request gets a decode step per round whatever else
-runs, and a round costs what its rows need, not the widest row times all of them. Prompts prefill in
-chunks of `prefill_chunk` tokens for the same reason.
+batches share the worker's time equally: the next forward goes to the batch that has had the least
+forward time so far (a batch that was idle starts level with the others), so one AR step, which costs
+a few milliseconds, is not rationed to one per spec-quadratic step of a second: every request gets
+decode steps whatever else runs, cheap ones many. Prompts prefill in chunks of `prefill_chunk` tokens
+so that no single forward holds the others up for long.
 
 Admitted requests' rows join between steps; after each step what every row made final goes out as
 its request's events, and a request whose rows have all finished is handed back to the scheduler. A
@@ -34,12 +36,13 @@ def width_class(req: Request) -> int:
 class Runner:
     """Owns the batches; only the engine's worker thread calls it."""
 
-    def __init__(self, model, scheduler: Scheduler, prefill_chunk: int | None = None):
+    def __init__(self, model, scheduler: Scheduler, prefill_chunk: int | None = None, clock=time.perf_counter):
         self.model = model
+        self.clock = clock  # what forward time is measured with
         self.scheduler = scheduler
         self.prefill_chunk = prefill_chunk
         self.batches: dict[int, DecodeBatch] = {}  # width class -> its batch
-        self.turn = 0  # which batch steps next (round-robin over the non-empty ones)
+        self.busy: dict[int, float] = {}  # width class -> seconds of forwards it has had while it held rows
         self.auto_block: int | None = None  # what block_length="auto" resolved to, once it was needed
 
     # -- what the scheduler reads and asks -----------------------------------------------------------------
@@ -90,10 +93,10 @@ class Runner:
         live = [k for k in sorted(self.batches) if not self.batches[k].done]
         if not live:
             return
-        key = live[self.turn % len(live)]
-        self.turn += 1
+        key = self.next_batch(live)
         batch = self.batches[key]
         rows, members = len(batch.rows), {id(r) for r in batch.rows}
+        t0 = self.clock()
         try:
             batch.step()
         except Exception as e:  # one bad step must not take the server down: fail that batch, go on
@@ -101,9 +104,21 @@ class Runner:
             self.scheduler.fail_running(f"decoding failed: {e}", lambda req: any(id(r) in members for r in req.rows))
             self.batches[key] = DecodeBatch(self.model)
             return
+        self.busy[key] += self.clock() - t0
         self.scheduler.count_forward(rows)
         for req in list(self.scheduler.running):
             self.deliver(req)
+
+    def next_batch(self, live: list[int]) -> int:
+        """The live batch with the least forward time; one that had no rows is brought level with the
+        least busy of those that had, so its idle spell earns it no run of forwards."""
+        for k in list(self.busy):
+            if k not in live:
+                del self.busy[k]
+        floor = min(self.busy.values(), default=0.0)
+        for k in live:
+            self.busy.setdefault(k, floor)
+        return min(live, key=lambda k: (self.busy[k], k))
 
     def deliver(self, req: Request) -> None:
         """Send what each row made final; finish the request when all its rows are done."""

@@ -47,13 +47,13 @@ class EngineConfig:
             raise ValueError("max_running and auto_probe must be >= 1, max_queue and auto_spec_below >= 0")
         if not 0.0 < self.max_client_share <= 1.0:
             raise ValueError(f"max_client_share must lie in (0, 1], got {self.max_client_share}")
+        for m in (self.auto_light, self.auto_heavy):
+            if m not in MODES:
+                raise ValueError(f"auto mode choice {m!r} is not one of {', '.join(MODES)}")
 
     def client_rows(self, total: int) -> int:
         """Rows of `total` one client may hold (at least one request's worth of one row)."""
         return max(1, int(total * self.max_client_share))
-        for m in (self.auto_light, self.auto_heavy):
-            if m not in MODES:
-                raise ValueError(f"auto mode choice {m!r} is not one of {', '.join(MODES)}")
 
 
 class QueueFull(RuntimeError):

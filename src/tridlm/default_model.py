@@ -35,7 +35,8 @@ def has_drafter() -> bool:
 
 
 def drafter_block_length(fallback: int) -> int:
-    """The block the shipped drafter was trained and measured at (results.json), else `fallback`."""
+    """The block length the shipped drafter's measurements favour (results.json's best_block_length: 8, the
+    block its recipe trains at), else `fallback`."""
     import json
 
     results = asset_dir() / "results.json"

@@ -170,7 +170,7 @@ async def run_abuse(url: str, key: str | None, limits: dict, small_clients: int,
         idle = [(await _post(c, small))[0] for _ in range(5)]
     worst = {"prompt": [1] + [28] * (limits["prompt_tokens"] - 1), "mode": "spec-quadratic",
              "block_length": limits["quadratic_block"], "n": limits["n"], "max_tokens": limits["max_tokens"],
-             "temperature": 0, "ignore_eos": True}
+             "temperature": 1.0, "seed": 0, "ignore_eos": True}  # sampled: it speculates however busy the server is
     stop = asyncio.Event()
     worst_answers: list = []
 
@@ -232,17 +232,15 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads of the in-process server")
     p.add_argument("--max-running", type=int, default=None,
                    help="mixed/abuse: the in-process server's --max-running (default: tridlm serve's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default=None,
+                   help="the in-process server's --dtype (default: the checkpoint's)")
+    p.add_argument("--spec-off-at", type=int, default=None,
+                   help="mixed/abuse: the in-process server's --spec-off-at (default: tridlm serve's; -1: never)")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 
 
-def serve_in_process(args, levels: list[int]):
-    import torch
-
-    from tridlm.server import EngineConfig, ServerConfig, ServerThread, create_app
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def bench_model(args):
     if args.tiny:
         from tridlm.training.quick import train_tiny_model
 
@@ -253,12 +251,32 @@ def serve_in_process(args, levels: list[int]):
         from tridlm.default_model import resolve_model
 
         model = resolve_model(args.model).eval()  # a folder, "default" or "smollm2"
+    if args.dtype:
+        from tridlm.commands.generate import prepared
+
+        model = prepared(model, argparse.Namespace(dtype=args.dtype, kernels="eager"))  # as tridlm serve does
+    return model
+
+
+def serve_in_process(args, levels: list[int]):
+    import torch
+
+    from tridlm.server import EngineConfig, ServerConfig, ServerThread, create_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from tridlm.engine import off_this_thread
+
+    # as tridlm serve does: the model is made off this thread, so the engine's worker holds the only OpenMP pool
+    model = off_this_thread(bench_model, args)
     if args.scenario == "sweep":
         need = max(levels)
         cfg = ServerConfig(engine=EngineConfig(max_running=need, max_queue=4 * need))
-    else:  # the server as `tridlm serve` configures it
-        cfg = ServerConfig() if args.max_running is None else \
-            ServerConfig(engine=EngineConfig(max_running=args.max_running, max_queue=4 * args.max_running))
+    else:  # the server as `tridlm serve` configures it, but for the options given
+        knobs = {} if args.max_running is None else {"max_running": args.max_running, "max_queue": 4 * args.max_running}
+        if args.spec_off_at is not None:
+            knobs["spec_off_at"] = None if args.spec_off_at < 0 else args.spec_off_at
+        cfg = ServerConfig(engine=EngineConfig(**knobs))
     return ServerThread(create_app(model, config=cfg)).start(), model
 
 

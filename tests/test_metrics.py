@@ -22,6 +22,7 @@ CONTRACT = {
     "tridlm_http_request_duration_seconds": ("histogram", ("endpoint",), LATENCY),
     "tridlm_requests": ("counter", ("outcome",), None),
     "tridlm_auto_mode_choices": ("counter", ("mode",), None),
+    "tridlm_speculation_off": ("counter", ("mode",), None),
     "tridlm_generated_tokens": ("counter", ("mode",), None),
     "tridlm_forwards": ("counter", ("mode",), None),
     "tridlm_prefill_forwards": ("counter", ("mode",), None),

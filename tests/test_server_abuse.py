@@ -235,8 +235,8 @@ def test_a_small_request_steps_in_turn_beside_the_widest_allowed_one(model):
 class _FakeBatch:
     """Stands in for a DecodeBatch: each step advances the fake clock by its forward's cost."""
 
-    def __init__(self, clock: list[float], cost: float, steps: int):
-        self.clock, self.cost, self.left, self.rows, self.taken = clock, cost, steps, [object()], 0
+    def __init__(self, clock: list[float], cost: float, steps: int, rows: int = 1):
+        self.clock, self.cost, self.left, self.rows, self.taken = clock, cost, steps, [object()] * rows, 0
 
     @property
     def done(self):
@@ -256,7 +256,7 @@ class _NoScheduler:
 
 
 def test_width_classes_share_forward_time_equally_under_a_fake_clock():
-    """A 1 s forward class beside a 10 ms one: the cheap class gets about 100 steps per expensive one, the
+    """One row each. A 1 s forward class beside a 10 ms one: the cheap class gets about 100 steps per expensive one, the
     two classes' forward times never drift apart by more than one step, and a class that joins late starts
     level with the others (no catch-up burst for the time it was away)."""
     from tridlm.engine.runner import Runner
@@ -278,6 +278,21 @@ def test_width_classes_share_forward_time_equally_under_a_fake_clock():
         runner.step()
     shares = sorted(runner.busy.values())
     assert shares[-1] - shares[0] <= 1.0 + 1e-9
+
+
+def test_batches_share_forward_time_by_their_rows_under_a_fake_clock():
+    """Equal forwards, 3 rows beside 1: the 3-row batch gets three steps per step of the other, so every
+    row has the same forward time."""
+    from tridlm.engine.runner import Runner
+
+    now = [0.0]
+    runner = Runner(None, _NoScheduler(), clock=lambda: now[0])
+    wide, narrow = _FakeBatch(now, 0.1, 10_000, rows=3), _FakeBatch(now, 0.1, 10_000, rows=1)
+    runner.batches = {1: wide, 8: narrow}
+    for _ in range(400):
+        runner.step()
+        assert abs(runner.busy[1] - runner.busy[8]) <= 0.1 + 1e-9  # per row: within one step's share
+    assert (wide.taken, narrow.taken) == (300, 100)
 
 
 # -- SIGTERM: every request ends with a 503, then the process exits --------------------------------------------

@@ -43,7 +43,8 @@ def test_requests_joining_a_running_batch_decode_as_alone(model):
     ps = prompts(len(CASES), seed=2)
     want = [model.generate(p, mode, max_new_tokens=12, ignore_eos=True, **kw).ids
             for p, (mode, kw) in zip(ps, CASES, strict=True)]
-    engine = Engine(model, config=EngineConfig(max_running=3))  # fewer slots than requests: some wait
+    # fewer slots than requests: some wait; every spec request speculates whatever the load
+    engine = Engine(model, config=EngineConfig(max_running=3, spec_off_at=None))
     try:
         reqs = [engine.submit([p], GenerationParams(mode=mode, max_new_tokens=12, ignore_eos=True, **kw))
                 for p, (mode, kw) in zip(ps, CASES, strict=True)]
@@ -86,6 +87,33 @@ def test_auto_mode_follows_the_load_and_validation_comes_first(model):
     s = engine.stats()
     assert (s.waiting_rows, s.active_requests, dict(s.auto_choices)) == (3, 3, {"spec": 2, "ar": 1})
     engine.close()
+
+
+def test_greedy_speculation_decodes_as_ar_under_load(model):
+    """At spec_off_at rows or more, an explicit greedy spec request runs as AR (its text is AR's either
+    way); sampled ones, auto's own choice and a disabled limit keep speculating."""
+    ps = prompts(4, seed=9)
+    engine = Engine(model, config=EngineConfig(spec_off_at=2, max_running=8), start=False)
+    greedy = GenerationParams(mode="spec", block_length=4, max_new_tokens=10, ignore_eos=True)
+    quadratic = greedy.replace(mode="spec-quadratic", block_length=3)
+    reqs = [engine.submit([ps[0]], greedy), engine.submit([ps[1]], quadratic),  # loads 0 and 1: speculate
+            engine.submit([ps[2]], greedy), engine.submit([ps[3]], quadratic)]  # loads 2 and 3: AR
+    sampled = engine.submit([ps[0]], greedy.replace(temperature=0.8, seed=1))
+    assert [r.mode for r in reqs] == ["spec", "spec-quadratic", "ar", "ar"] and sampled.mode == "spec"
+    assert [r.asked_mode for r in reqs] == ["spec", "spec-quadratic", "spec", "spec-quadratic"]
+    engine.start()
+    try:
+        got = [collect(r)[0][0] for r in reqs]
+        collect(sampled)
+        assert got[2:] == [model.generate(p, "ar", max_new_tokens=10, ignore_eos=True).ids for p in ps[2:]]
+        s = engine.stats()
+        assert dict(s.speculation_off) == {"spec": 1, "spec-quadratic": 1}
+        assert s.forwards["ar"] == 2 * 10  # one decode forward per token and row: no speculation ran
+    finally:
+        engine.close()
+    never = Engine(model, config=EngineConfig(spec_off_at=None), start=False)
+    assert [never.submit([p], greedy).mode for p in ps] == ["spec"] * 4
+    never.close()
 
 
 def test_cancel_frees_the_rows_and_the_rest_go_on(model):

@@ -15,7 +15,8 @@ Endpoints: GET /v1/models, POST /v1/completions (a `suffix` makes the completion
 Each request may choose its decoding with extra body fields: mode (ar, diffusion, spec, spec-quadratic,
 auto), block_length (an integer or "auto"), threshold, steps, selection_policy, top_k, ignore_eos.
 mode "auto" picks self-speculation while fewer than --auto-spec-below rows are active and its drafts
-are being accepted (--auto-min-acceptance), else AR (both give the same text at temperature 0); the
+are being accepted (--auto-min-acceptance), else AR (both give the same text at temperature 0); greedy
+spec and spec-quadratic requests likewise decode as AR once --spec-off-at rows are active; the
 response's `mode` says which ran.
 
   tridlm serve --model out/tiny --port 8000
@@ -41,6 +42,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--auto-min-acceptance", type=float, default=2.0,
                    help='mode "auto": use AR even at low load once self-speculation has averaged fewer accepted '
                         "tokens per verification than this (default 2; 0 = never)")
+    p.add_argument("--spec-off-at", type=int, default=4, metavar="ROWS",
+                   help="greedy spec / spec-quadratic requests that arrive while this many rows are running or "
+                        "waiting decode as AR, which gives the same text without a draft per row in a busy batch "
+                        "(default 4; -1 = always speculate)")
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens accepted (default 2048)")
     p.add_argument("--max-n", type=int, default=8, help="largest n accepted (default 8)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
@@ -56,11 +61,13 @@ def build_app(args):
 
     from tridlm.commands.generate import prepared
     from tridlm.default_model import locate_model
+    from tridlm.engine import off_this_thread
     from tridlm.server import EngineConfig, Limits, ServerConfig, create_app
 
     source = locate_model(args.model, draft_adapter=not args.no_draft_adapter)  # None: the default model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = prepared(source.load(device=device), args)
+    # loaded and warmed off the main thread, so the engine's worker holds the only OpenMP pool
+    model = off_this_thread(lambda: prepared(source.load(device=device), args))
     served = {"default": "tridlm-default", "smollm2": "smollm2"}.get(source.kind)
     name = args.served_model_name or served or os.path.basename(os.path.normpath(str(source.folder)))
     config = ServerConfig(
@@ -68,7 +75,8 @@ def build_app(args):
         limits=Limits(default_mode=args.default_mode, default_temperature=args.default_temperature,
                       max_tokens_cap=args.max_tokens_cap, max_n=args.max_n),
         engine=EngineConfig(max_running=args.max_running, max_queue=args.max_queue,
-                            auto_spec_below=args.auto_spec_below, auto_min_acceptance=args.auto_min_acceptance))
+                            auto_spec_below=args.auto_spec_below, auto_min_acceptance=args.auto_min_acceptance,
+                            spec_off_at=None if args.spec_off_at < 0 else args.spec_off_at))
     return create_app(model, config=config), name
 
 

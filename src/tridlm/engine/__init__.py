@@ -17,7 +17,8 @@ plain thread-safe queue).
     engine.close()
 
 `mode="auto"` is decided at submission from the load (rows running or waiting) and from the acceptance
-self-speculation has had on this server; `block_length="auto"` is resolved once, in the worker thread
+self-speculation has had on this server, and so is a greedy spec request's fall back to AR under load
+(`EngineConfig.spec_off_at`); `block_length="auto"` is resolved once, in the worker thread
 (it times forwards), by `tridlm.generate.auto_block_length`.
 
 Every request is bounded before it is queued: its parameters (`GenerationParams.resolve`, with the
@@ -28,12 +29,14 @@ The parts: `request` (a request, its events, its cancellation, its cost), `sched
 running requests, fair admission, the mode "auto" policy), `runner` (steps the batches, delivers the
 rows' output),
 `stats` (counters and gauges), and `engine` (the `Engine` that wires them, and its worker thread).
+Load and warm the model with `off_this_thread(...)` (the worker's OpenMP pool is then the only one).
 """
 
-from .engine import Engine
+from .engine import Engine, off_this_thread
 from .request import AUTO, Delta, Failed, Finished, Request
-from .scheduler import EngineClosed, EngineConfig, QueueFull
+from .scheduler import SPECULATIVE, EngineClosed, EngineConfig, QueueFull
 from .stats import ACCEPTANCE_BUCKETS, LATENCY_BUCKETS, EngineStats, Histogram
 
 __all__ = ["ACCEPTANCE_BUCKETS", "AUTO", "LATENCY_BUCKETS", "Delta", "Engine", "EngineClosed", "EngineConfig",
-           "EngineStats", "Failed", "Finished", "Histogram", "QueueFull", "Request"]
+           "EngineStats", "Failed", "Finished", "Histogram", "QueueFull", "Request",
+           "SPECULATIVE", "off_this_thread"]

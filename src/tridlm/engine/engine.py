@@ -9,12 +9,38 @@ import threading
 import torch
 
 from ..decoding import GenerationError, GenerationParams
+from ..decoding.params import TEMPERATURE_FLOOR
 from .request import AUTO, Request, build_rows, check_shape, request_cost
 from .runner import Runner
 from .scheduler import EngineConfig, Scheduler
 from .stats import EngineStats
 
 log = logging.getLogger("tridlm.engine")
+
+
+def off_this_thread(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, run in a short-lived thread: what loads and warms a model for an `Engine`.
+
+    torch's CPU ops run on OpenMP, and every thread that opens a parallel region keeps a pool of worker
+    threads of its own. Once the pools hold more threads than there are cores, libgomp stops spinning
+    between regions and every op waits for its workers to wake: a forward in the engine's worker thread
+    then takes about 1.5x as long as the same forward in a process with one pool (24 AR tokens of the
+    default model on 2 cores: 1.19 s against 0.76 s). A thread's pool ends with it, so a model loaded
+    here leaves the worker's pool the only one; the caller's thread must then run no large torch op."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="tridlm-load")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 class Engine:
@@ -93,7 +119,12 @@ class Engine:
         check_shape(prompts, n, c.max_running, self.model.config.vocab_size, self.model.config.mask_token_id)
         auto_block = params.block_length == AUTO
         auto_mode = params.mode == AUTO
-        mode = self.choose_mode(self.load) if auto_mode else params.mode
+        load = self.load
+        mode = self.choose_mode(load) if auto_mode else params.mode
+        asked = mode
+        if not auto_mode and kind == "generate" and self.scheduler.speculation_off(
+                mode, params.temperature < TEMPERATURE_FLOOR, load):
+            mode = "ar"
         # "auto" is measured on admission, in the worker: until then the rows are checked at the checkpoint's
         # own block size (GenerationParams' default), then rebuilt at the measured one
         block = self.model.config.block_size if auto_block else params.block_length
@@ -114,7 +145,7 @@ class Engine:
                                   f"forward width of its mode, per row); the limit is {c.max_request_cost}: lower "
                                   "max_tokens, n or block_length")
         req = Request(rows, mode, AUTO if auto_block else block, auto_mode, loop, on_cancel=self.scheduler.cancel,
-                      rebuild_rows=rows_for if auto_block else None, client=client)
+                      rebuild_rows=rows_for if auto_block else None, client=client, asked_mode=asked)
         self.scheduler.enqueue(req)
         return req
 

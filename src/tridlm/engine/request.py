@@ -49,11 +49,13 @@ class Request:
 
     def __init__(self, rows: list[Row], mode: str, block_length: int | str, auto_mode: bool,
                  loop: asyncio.AbstractEventLoop | None, on_cancel: Callable[[Request], None],
-                 rebuild_rows: Callable[[int], list[Row]] | None = None, client: str = ""):
+                 rebuild_rows: Callable[[int], list[Row]] | None = None, client: str = "",
+                 asked_mode: str | None = None):
         self.id = next(_ids)
         self.rows = rows
         self.client = client  # who sent it (the server names the connection): the scheduler's unit of fairness
-        self.mode = mode
+        self.mode = mode  # what runs
+        self.asked_mode = asked_mode or mode  # what the request named (differs when speculation was off)
         self.block_length = block_length  # an int once admitted ("auto" until then)
         self.auto_mode = auto_mode
         self.submitted = time.perf_counter()

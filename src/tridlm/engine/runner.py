@@ -3,10 +3,11 @@
 Rows are batched with rows of the same forward width (a power-of-two class of `forward_width`: AR
 rows together, blocks of 8 together, ...), because a batch pads every row to its widest plan: one
 spec-quadratic row beside fifteen AR rows would make each of them compute a thousand tokens. The
-batches share the worker's time equally: the next forward goes to the batch that has had the least
-forward time so far (a batch that was idle starts level with the others), so one AR step, which costs
-a few milliseconds, is not rationed to one per spec-quadratic step of a second: every request gets
-decode steps whatever else runs, cheap ones many. Prompts prefill in chunks of `prefill_chunk` tokens
+batches share the worker's time by their rows: the next forward goes to the batch whose rows have had
+the least forward time each so far (a batch that was idle starts level with the others), so every row
+gets an equal share of the time, whatever its width -- one AR step, which costs a few milliseconds, is
+not rationed to one per spec-quadratic step of a second, and a batch of sixteen rows gets sixteen
+times the time of a batch of one. Prompts prefill in chunks of `prefill_chunk` tokens
 so that no single forward holds the others up for long.
 
 Admitted requests' rows join between steps; after each step what every row made final goes out as
@@ -42,7 +43,7 @@ class Runner:
         self.scheduler = scheduler
         self.prefill_chunk = prefill_chunk
         self.batches: dict[int, DecodeBatch] = {}  # width class -> its batch
-        self.busy: dict[int, float] = {}  # width class -> seconds of forwards it has had while it held rows
+        self.busy: dict[int, float] = {}  # width class -> seconds of forwards per row it has had while it held rows
         self.auto_block: int | None = None  # what block_length="auto" resolved to, once it was needed
 
     # -- what the scheduler reads and asks -----------------------------------------------------------------
@@ -104,13 +105,13 @@ class Runner:
             self.scheduler.fail_running(f"decoding failed: {e}", lambda req: any(id(r) in members for r in req.rows))
             self.batches[key] = DecodeBatch(self.model)
             return
-        self.busy[key] += self.clock() - t0
+        self.busy[key] += (self.clock() - t0) / rows  # per row: a batch's share grows with the rows it serves
         self.scheduler.count_forward(rows)
         for req in list(self.scheduler.running):
             self.deliver(req)
 
     def next_batch(self, live: list[int]) -> int:
-        """The live batch with the least forward time; one that had no rows is brought level with the
+        """The live batch with the least forward time per row; one that had no rows is brought level with the
         least busy of those that had, so its idle spell earns it no run of forwards."""
         for k in list(self.busy):
             if k not in live:

@@ -22,6 +22,8 @@ from ..decoding.params import MODES
 from .request import Failed, Request
 from .stats import EngineStats
 
+SPECULATIVE = ("spec", "spec-quadratic")  # modes whose greedy text is AR's
+
 if TYPE_CHECKING:
     from ..decoding import Row
 
@@ -37,14 +39,20 @@ class EngineConfig:
     # acceptance below this (2 = a draft+verify cycle makes no more tokens than two AR steps) means AR always
     auto_min_acceptance: float = 2.0
     auto_probe: int = 32
+    # explicit greedy spec / spec-quadratic requests submitted while this many rows are running or waiting
+    # decode as AR: the same text (both are AR's greedy text), without the draft tokens a compute-bound
+    # batch pays for on every row (vLLM's speculative_disable_by_batch_size); None: always speculate
+    spec_off_at: int | None = 4
     max_client_share: float = 0.5  # of the running rows and of the queue, per client (1: no limit)
     max_forward_width: int | None = 64  # tokens a row's decode forward may hold (spec-quadratic: L*(L+1))
     prefill_chunk: int | None = 128  # prompt tokens per prefill forward: no join stalls the batch for long
     max_request_cost: int | None = 1 << 19  # token-forwards a request may need (`Request.cost`)
 
     def __post_init__(self):
-        if self.max_running < 1 or self.max_queue < 0 or self.auto_spec_below < 0 or self.auto_probe < 1:
-            raise ValueError("max_running and auto_probe must be >= 1, max_queue and auto_spec_below >= 0")
+        if self.max_running < 1 or self.max_queue < 0 or self.auto_spec_below < 0 or self.auto_probe < 1 \
+                or (self.spec_off_at is not None and self.spec_off_at < 0):
+            raise ValueError("max_running and auto_probe must be >= 1, max_queue, auto_spec_below and spec_off_at "
+                             ">= 0")
         if not 0.0 < self.max_client_share <= 1.0:
             raise ValueError(f"max_client_share must lie in (0, 1], got {self.max_client_share}")
         for m in (self.auto_light, self.auto_heavy):
@@ -98,6 +106,11 @@ class Scheduler:
                 return c.auto_heavy
         return c.auto_light
 
+    def speculation_off(self, mode: str, greedy: bool, load: int) -> bool:
+        """An explicit self-speculation request decodes as AR under load (`EngineConfig.spec_off_at`)."""
+        at = self.config.spec_off_at
+        return greedy and mode in SPECULATIVE and at is not None and load >= at
+
     # -- from the submitting threads ------------------------------------------------------------------
     def enqueue(self, req: Request) -> None:
         """Queue a validated request, or raise EngineClosed / QueueFull."""
@@ -117,6 +130,8 @@ class Scheduler:
                                 "allowed per client; wait for them to finish")
             if req.auto_mode:
                 s.auto_choices[req.mode] += 1
+            if req.asked_mode != req.mode and not req.auto_mode:
+                s.speculation_off[req.asked_mode] += 1
             self.waiting.append(req)
             s.active_requests += 1
             self._update_gauges()

@@ -51,6 +51,7 @@ class EngineStats:
 
     requests: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # finished|cancelled|failed|...
     auto_choices: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    speculation_off: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # requested mode -> AR runs
     generated_tokens: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     forwards: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # per-row decode forwards
     prefill_forwards: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -66,7 +67,7 @@ class EngineStats:
 
     def copy(self) -> EngineStats:
         c = EngineStats()
-        for name in ("requests", "auto_choices", "generated_tokens", "forwards", "prefill_forwards"):
+        for name in ("requests", "auto_choices", "speculation_off", "generated_tokens", "forwards", "prefill_forwards"):
             getattr(c, name).update(getattr(self, name))
         for name in ("acceptance", "latency", "first_token"):
             getattr(c, name).update({k: h.copy() for k, h in getattr(self, name).items()})

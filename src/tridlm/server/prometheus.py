@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from ..engine import LATENCY_BUCKETS, EngineStats
+from ..engine import LATENCY_BUCKETS, SPECULATIVE, EngineStats
 from ..engine import Histogram as EngineHistogram
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -98,6 +98,9 @@ class EngineCollector(Collector):
                         sorted(s.requests.items()))
         yield _by_label(CounterMetricFamily, "tridlm_auto_mode_choices_total",
                         'Modes chosen for mode="auto" requests.', "mode", sorted(s.auto_choices.items()))
+        yield _by_label(CounterMetricFamily, "tridlm_speculation_off_total",
+                        "Self-speculation requests decoded as AR under load, by the mode they named.", "mode",
+                        [(m, s.speculation_off.get(m, 0)) for m in SPECULATIVE])  # both, from zero
         yield _by_label(CounterMetricFamily, "tridlm_generated_tokens_total", "Generated tokens by mode.", "mode",
                         [(m, s.generated_tokens[m]) for m in modes])
         yield _by_label(CounterMetricFamily, "tridlm_forwards_total",

@@ -20,6 +20,9 @@ solo run, p50/p95/p99 latency per mode, and the p95 over requests of latency / s
 --scenario abuse: one client sends the widest requests the server's limits allow, back to back,
 while --small-clients others each send --small-requests 2-token AR requests; reported: the small
 requests' p50/p95/max latency beside their latency on an idle server.
+
+--scenario batched: no server; the mixed scenario's prompts, each mode's share as the rows of one
+generate() call: the throughput floor under the mixed scenario's wall time on this machine.
 """
 
 from __future__ import annotations
@@ -218,7 +221,7 @@ def parse_args(argv=None):
     src.add_argument("--tiny", action="store_true", help="train the tiny test model (about a minute) and serve it")
     src.add_argument("--url", help="benchmark a running server instead")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--scenario", choices=("sweep", "mixed", "abuse"), default="sweep")
+    p.add_argument("--scenario", choices=("sweep", "mixed", "abuse", "batched"), default="sweep")
     p.add_argument("--clients", type=int, default=32, help="mixed: clients (default 32)")
     p.add_argument("--per-client", type=int, default=4, help="mixed: requests per client (default 4)")
     p.add_argument("--small-clients", type=int, default=4, help="abuse: clients sending small requests")
@@ -297,17 +300,58 @@ def worst_allowed(model, cfg) -> dict:
     return {"quadratic_block": L, "n": n, "max_tokens": tokens, "prompt_tokens": prompt}
 
 
+def report(args, out: dict) -> int:
+    print(json.dumps(out, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "result": out}, f, indent=1)
+    return 0
+
+
+def run_batched(args) -> dict:
+    """--scenario batched: the mixed scenario's work with no server, each mode's C x R / 4 requests as the
+    rows of one `generate()` call (spec and spec-quadratic as they are, and as AR), in the thread that
+    loaded the model: the most throughput this machine gets for that work, the floor under its wall time."""
+    import torch
+
+    from tridlm.engine import off_this_thread
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def run():
+        model = bench_model(args)
+        prompts = [b["prompt"] for bodies in mixed_bodies(args.clients, args.per_client, args.max_tokens)
+                   for b in bodies]
+        rows = len(prompts) // len(MIXED_MODES)
+        model.generate(prompts[:2], "ar", max_new_tokens=4, ignore_eos=True)  # first-use costs stay out
+        out = {"rows_per_mode": rows, "max_tokens": args.max_tokens, "seconds": {}}
+        for mode in MIXED_MODES:
+            t0 = time.perf_counter()
+            model.generate(prompts[:rows], mode, max_new_tokens=args.max_tokens, ignore_eos=True)
+            out["seconds"][mode] = time.perf_counter() - t0
+            print(f"{mode:>15} {out['seconds'][mode]:.2f} s", file=sys.stderr, flush=True)
+        s = out["seconds"]
+        out["total_s"] = sum(s.values())
+        out["total_with_speculation_as_ar_s"] = s["diffusion"] + 3 * s["ar"]
+        return out
+
+    return off_this_thread(run)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     modes = args.modes.split(",")
     server = None
     url = args.url
-    if url is None:
+    if url is None and args.scenario != "batched":
         server, model = serve_in_process(args, levels)
         url = server.url
         print(f"serving {args.model or 'the tiny model'} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
               f"parameters) at {url}", file=sys.stderr)
+    if args.scenario == "batched":
+        return report(args, run_batched(args))
     if args.scenario != "sweep":
         from tridlm.server import ServerConfig
 
@@ -320,11 +364,7 @@ def main(argv=None) -> int:
         finally:
             if server is not None:
                 server.stop()
-        print(json.dumps(out, indent=1))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "result": out}, f, indent=1)
-        return 0
+        return report(args, out)
     body = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "block_length": args.block_length}
     runs: dict[tuple[str, int], list[dict]] = {(m, c): [] for m in modes for c in levels}
     try:

@@ -295,6 +295,26 @@ def test_batches_share_forward_time_by_their_rows_under_a_fake_clock():
     assert (wide.taken, narrow.taken) == (300, 100)
 
 
+def test_a_row_moves_on_by_what_its_forward_costs_alone_once_that_is_known():
+    """A batch seen with one row (0.1 s a forward) that now holds four (0.2 s a forward, compute-bound)
+    beside a one-row batch of 0.1 s forwards: each forward moves every row of either on by one 0.1 s
+    solo forward, so both batches take turns one for one; the rows slow down alike (to 0.3 s a
+    forward from 0.1 alone) instead of the four rows getting twice the forwards of the one."""
+    from tridlm.engine.runner import Runner
+
+    now = [0.0]
+    runner = Runner(None, _NoScheduler(), clock=lambda: now[0])
+    grown, single = _FakeBatch(now, 0.1, 10_000), _FakeBatch(now, 0.1, 10_000)
+    runner.batches = {1: grown}
+    runner.step()  # alone, one row: its solo cost is measured
+    assert runner.solo[1] == pytest.approx(0.1)
+    grown.rows, grown.cost = [object()] * 4, 0.2
+    runner.batches[8] = single
+    for _ in range(200):
+        runner.step()
+    assert abs(grown.taken - 1 - single.taken) <= 1 and single.taken >= 99
+
+
 # -- SIGTERM: every request ends with a 503, then the process exits --------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:

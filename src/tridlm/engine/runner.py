@@ -3,11 +3,12 @@
 Rows are batched with rows of the same forward width (a power-of-two class of `forward_width`: AR
 rows together, blocks of 8 together, ...), because a batch pads every row to its widest plan: one
 spec-quadratic row beside fifteen AR rows would make each of them compute a thousand tokens. The
-batches share the worker's time by their rows: the next forward goes to the batch whose rows have had
-the least forward time each so far (a batch that was idle starts level with the others), so every row
-gets an equal share of the time, whatever its width -- one AR step, which costs a few milliseconds, is
-not rationed to one per spec-quadratic step of a second, and a batch of sixteen rows gets sixteen
-times the time of a batch of one. Prompts prefill in chunks of `prefill_chunk` tokens
+batches take turns so that every row is slowed down alike: each forward moves each of its rows on by
+what that forward costs one row alone (measured whenever the batch holds one row; until then, the
+row's share of the forward's time), and the next forward goes to the batch whose rows have moved on
+least (a batch that was idle starts level with the others). A 10 ms AR step is then not rationed to
+one per second-long spec-quadratic step, and a batch of wide, compute-bound rows is not left with a
+small part of the forwards for being costly. Prompts prefill in chunks of `prefill_chunk` tokens
 so that no single forward holds the others up for long.
 
 Admitted requests' rows join between steps; after each step what every row made final goes out as
@@ -43,7 +44,8 @@ class Runner:
         self.scheduler = scheduler
         self.prefill_chunk = prefill_chunk
         self.batches: dict[int, DecodeBatch] = {}  # width class -> its batch
-        self.busy: dict[int, float] = {}  # width class -> seconds of forwards per row it has had while it held rows
+        self.busy: dict[int, float] = {}  # width class -> its rows' progress while it held rows, in solo seconds
+        self.solo: dict[int, float] = {}  # width class -> seconds of a one-row decode forward (running mean)
         self.auto_block: int | None = None  # what block_length="auto" resolved to, once it was needed
 
     # -- what the scheduler reads and asks -----------------------------------------------------------------
@@ -97,6 +99,7 @@ class Runner:
         key = self.next_batch(live)
         batch = self.batches[key]
         rows, members = len(batch.rows), {id(r) for r in batch.rows}
+        decoding = all(getattr(r, "prefilled", True) for r in batch.rows)  # no prompt chunk in this forward
         t0 = self.clock()
         try:
             batch.step()
@@ -105,13 +108,18 @@ class Runner:
             self.scheduler.fail_running(f"decoding failed: {e}", lambda req: any(id(r) in members for r in req.rows))
             self.batches[key] = DecodeBatch(self.model)
             return
-        self.busy[key] += (self.clock() - t0) / rows  # per row: a batch's share grows with the rows it serves
+        took = self.clock() - t0
+        if rows == 1 and decoding:  # what a forward of this width costs one row alone
+            solo = self.solo.get(key)
+            self.solo[key] = took if solo is None else solo + 0.25 * (took - solo)
+        # each row moved one forward on, worth what that forward costs alone (unknown yet: its share of the time)
+        self.busy[key] += self.solo.get(key, took / rows)
         self.scheduler.count_forward(rows)
         for req in list(self.scheduler.running):
             self.deliver(req)
 
     def next_batch(self, live: list[int]) -> int:
-        """The live batch with the least forward time per row; one that had no rows is brought level with the
+        """The live batch whose rows have moved on least; one that had no rows is brought level with the
         least busy of those that had, so its idle spell earns it no run of forwards."""
         for k in list(self.busy):
             if k not in live:

@@ -116,6 +116,35 @@ def test_greedy_speculation_decodes_as_ar_under_load(model):
     never.close()
 
 
+def test_auto_mode_speculates_only_while_it_decodes_faster_alone(model):
+    """Light load: spec until auto_probe of its tokens were timed alone, then AR until AR was timed too,
+    then whichever decoded faster alone (the other choices -- load, acceptance -- stay as they were)."""
+    engine = Engine(model, config=EngineConfig(auto_probe=8, auto_min_acceptance=0.0), start=False)
+    s = engine.scheduler.stats
+    assert engine.choose_mode(0) == "spec"
+    s.count_solo("spec", 0.5, 8)
+    assert engine.choose_mode(0) == "ar"  # AR not timed yet: a light-load request times it
+    s.count_solo("ar", 0.1, 4)
+    assert engine.choose_mode(0) == "ar"  # still fewer than auto_probe AR tokens
+    s.count_solo("ar", 0.1, 4)
+    assert engine.choose_mode(0) == "ar"  # AR 25 ms a token alone, spec 62.5
+    s.count_solo("spec", 0.0, 40)
+    assert engine.choose_mode(0) == "spec"  # spec now 10.4 ms a token
+    assert engine.choose_mode(4) == "ar"  # the load still decides first
+    engine.close()
+
+
+def test_one_row_decode_forwards_time_each_mode_alone(model):
+    engine = Engine(model)
+    try:
+        p = prompts(1, seed=12)[0]
+        collect(engine.submit([p], GenerationParams(mode="ar", max_new_tokens=9, ignore_eos=True)))
+        seconds, tokens = engine.stats().solo_decode["ar"]
+        assert tokens == 9 and seconds > 0  # every token came from a forward that held this row alone
+    finally:
+        engine.close()
+
+
 def test_cancel_frees_the_rows_and_the_rest_go_on(model):
     ps = prompts(3, seed=4)
     want = model.generate(ps[1], "spec", max_new_tokens=20, ignore_eos=True, block_length=4).ids

@@ -14,10 +14,10 @@ Endpoints: GET /v1/models, POST /v1/completions (a `suffix` makes the completion
 /v1/chat/completions, POST /v1/revise, GET /health, GET /metrics.
 Each request may choose its decoding with extra body fields: mode (ar, diffusion, spec, spec-quadratic,
 auto), block_length (an integer or "auto"), threshold, steps, selection_policy, top_k, ignore_eos.
-mode "auto" picks self-speculation while fewer than --auto-spec-below rows are active and its drafts
-are being accepted (--auto-min-acceptance), else AR (both give the same text at temperature 0); greedy
-spec and spec-quadratic requests likewise decode as AR once --spec-off-at rows are active; the
-response's `mode` says which ran.
+mode "auto" picks self-speculation while fewer than --auto-spec-below rows are active, its drafts
+are being accepted (--auto-min-acceptance) and it has decoded faster alone than AR (both timed here),
+else AR (both give the same text at temperature 0); greedy spec and spec-quadratic requests likewise
+decode as AR once --spec-off-at rows are active; the response's `mode` says which ran.
 
   tridlm serve --model out/tiny --port 8000
   curl 127.0.0.1:8000/v1/completions -d '{"prompt": "To be", "max_tokens": 32, "mode": "spec"}'"""

@@ -16,10 +16,10 @@ plain thread-safe queue).
         ...                            # Delta(index, text, ids) | Finished(index, reason, metrics) | Failed
     engine.close()
 
-`mode="auto"` is decided at submission from the load (rows running or waiting) and from the acceptance
-self-speculation has had on this server, and so is a greedy spec request's fall back to AR under load
-(`EngineConfig.spec_off_at`); `block_length="auto"` is resolved once, in the worker thread
-(it times forwards), by `tridlm.generate.auto_block_length`.
+`mode="auto"` is decided at submission from the load (rows running or waiting), from the acceptance
+self-speculation has had on this server and from how fast each mode decoded a row alone here; so is
+a greedy spec request's fall back to AR under load (`EngineConfig.spec_off_at`). `block_length="auto"`
+is resolved once, in the worker thread (it times forwards), by `tridlm.generate.auto_block_length`.
 
 Every request is bounded before it is queued: its parameters (`GenerationParams.resolve`, with the
 engine's `max_forward_width`), its cost (`request_cost`: token-forwards it may need), and its

@@ -99,7 +99,9 @@ class Runner:
         key = self.next_batch(live)
         batch = self.batches[key]
         rows, members = len(batch.rows), {id(r) for r in batch.rows}
-        decoding = all(getattr(r, "prefilled", True) for r in batch.rows)  # no prompt chunk in this forward
+        decoding = all(r.prefilled for r in batch.rows)  # no prompt chunk in this forward
+        alone = batch.rows[0] if rows == 1 and decoding else None
+        made = alone.metrics.generated_tokens if alone is not None else 0
         t0 = self.clock()
         try:
             batch.step()
@@ -109,9 +111,10 @@ class Runner:
             self.batches[key] = DecodeBatch(self.model)
             return
         took = self.clock() - t0
-        if rows == 1 and decoding:  # what a forward of this width costs one row alone
+        if alone is not None:  # what a forward of this width costs one row alone, and its mode's speed alone
             solo = self.solo.get(key)
             self.solo[key] = took if solo is None else solo + 0.25 * (took - solo)
+            self.scheduler.count_solo(alone.params.mode, took, alone.metrics.generated_tokens - made)
         # each row moved one forward on, worth what that forward costs alone (unknown yet: its share of the time)
         self.busy[key] += self.solo.get(key, took / rows)
         self.scheduler.count_forward(rows)

@@ -96,13 +96,20 @@ class Scheduler:
             return self.stats.running_rows + self.stats.waiting_rows
 
     def choose_mode(self, load: int) -> str:
-        """mode="auto": speculate while the load is light and speculation has been paying off."""
+        """mode="auto": speculate while the load is light and speculation has been paying off: its drafts
+        are accepted, and it has decoded faster alone than the heavy mode (both timed on this machine)."""
         c = self.config
         if load >= c.auto_spec_below:
             return c.auto_heavy
         with self.lock:
             seen = self.stats.acceptance.get(c.auto_light)
             if seen is not None and seen.count >= c.auto_probe and seen.total / seen.count < c.auto_min_acceptance:
+                return c.auto_heavy
+            # ... or unless the other mode decodes faster alone on this machine: once `auto_probe` tokens of
+            # the light mode were timed alone, light-load requests run the heavy one until it was timed too
+            light = self.stats.solo_seconds_per_token(c.auto_light, c.auto_probe)
+            heavy = self.stats.solo_seconds_per_token(c.auto_heavy, c.auto_probe)
+            if light is not None and (heavy is None or heavy < light):
                 return c.auto_heavy
         return c.auto_light
 
@@ -206,6 +213,10 @@ class Scheduler:
     def count_row(self, req: Request, row: Row) -> None:
         with self.lock:
             self.stats.count_row(req.mode, row.metrics)
+
+    def count_solo(self, mode: str, seconds: float, tokens: int) -> None:
+        with self.lock:
+            self.stats.count_solo(mode, seconds, tokens)
 
     def count_forward(self, rows: int) -> None:
         with self.lock:

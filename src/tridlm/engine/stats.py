@@ -59,6 +59,8 @@ class EngineStats:
     latency: dict[str, Histogram] = field(default_factory=lambda: defaultdict(_histogram_maker(LATENCY_BUCKETS)))
     first_token: dict[str, Histogram] = field(default_factory=lambda: defaultdict(_histogram_maker(LATENCY_BUCKETS)))
     queue_wait: Histogram = field(default_factory=_histogram_maker(LATENCY_BUCKETS))
+    # mode -> [seconds, tokens] of decode forwards that held one row alone: each mode's speed here, unloaded
+    solo_decode: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0]))
     batch_forwards: int = 0  # model calls (each serves every running row)
     batch_rows: int = 0  # rows summed over model calls (mean batch size = batch_rows / batch_forwards)
     active_requests: int = 0
@@ -72,6 +74,7 @@ class EngineStats:
         for name in ("acceptance", "latency", "first_token"):
             getattr(c, name).update({k: h.copy() for k, h in getattr(self, name).items()})
         c.queue_wait = self.queue_wait.copy()
+        c.solo_decode.update({m: list(v) for m, v in self.solo_decode.items()})
         c.batch_forwards, c.batch_rows = self.batch_forwards, self.batch_rows
         c.active_requests, c.running_rows, c.waiting_rows = self.active_requests, self.running_rows, self.waiting_rows
         return c
@@ -84,6 +87,17 @@ class EngineStats:
         self.prefill_forwards[mode] += metrics.prefill_forwards
         for a in metrics.acceptance_lengths:
             self.acceptance[mode].observe(a)
+
+    def count_solo(self, mode: str, seconds: float, tokens: int) -> None:
+        """A decode forward that held one row of `mode` alone, and the tokens it made."""
+        t = self.solo_decode[mode]
+        t[0] += seconds
+        t[1] += tokens
+
+    def solo_seconds_per_token(self, mode: str, min_tokens: int) -> float | None:
+        """Seconds per token of `mode` alone, once at least `min_tokens` were timed."""
+        seconds, tokens = self.solo_decode.get(mode, (0.0, 0))
+        return seconds / tokens if tokens >= min_tokens else None
 
     def count_forward(self, rows: int) -> None:
         """One model call that served `rows` rows (the mean batch size comes from these)."""

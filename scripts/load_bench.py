@@ -264,12 +264,11 @@ def bench_model(args):
 def serve_in_process(args, levels: list[int]):
     import torch
 
+    from tridlm.engine import off_this_thread
     from tridlm.server import EngineConfig, ServerConfig, ServerThread, create_app
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from tridlm.engine import off_this_thread
-
     # as tridlm serve does: the model is made off this thread, so the engine's worker holds the only OpenMP pool
     model = off_this_thread(bench_model, args)
     if args.scenario == "sweep":
@@ -343,15 +342,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     modes = args.modes.split(",")
+    if args.scenario == "batched":
+        return report(args, run_batched(args))
     server = None
     url = args.url
-    if url is None and args.scenario != "batched":
+    if url is None:
         server, model = serve_in_process(args, levels)
         url = server.url
         print(f"serving {args.model or 'the tiny model'} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
               f"parameters) at {url}", file=sys.stderr)
-    if args.scenario == "batched":
-        return report(args, run_batched(args))
     if args.scenario != "sweep":
         from tridlm.server import ServerConfig
 

@@ -137,7 +137,7 @@ class Scheduler:
                                 "allowed per client; wait for them to finish")
             if req.auto_mode:
                 s.auto_choices[req.mode] += 1
-            if req.asked_mode != req.mode and not req.auto_mode:
+            if req.asked_mode != req.mode:  # only an explicit request's mode is ever changed
                 s.speculation_off[req.asked_mode] += 1
             self.waiting.append(req)
             s.active_requests += 1

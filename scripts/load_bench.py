@@ -239,6 +239,8 @@ def parse_args(argv=None):
                    help="the in-process server's --dtype (default: the checkpoint's)")
     p.add_argument("--spec-off-at", type=int, default=None,
                    help="mixed/abuse: the in-process server's --spec-off-at (default: tridlm serve's; -1: never)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="the in-process server's --batch-invariant (bf16 forwards with solo bits in any batch)")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -254,11 +256,12 @@ def bench_model(args):
         from tridlm.default_model import resolve_model
 
         model = resolve_model(args.model).eval()  # a folder, "default" or "smollm2"
-    if args.dtype:
+    dtype = "bfloat16" if args.batch_invariant else args.dtype
+    if dtype:
         from tridlm.commands.generate import prepared
 
-        model = prepared(model, argparse.Namespace(dtype=args.dtype, kernels="eager"))  # as tridlm serve does
-    return model
+        model = prepared(model, argparse.Namespace(dtype=dtype, kernels="eager"))  # as tridlm serve does
+    return model.set_batch_invariant() if args.batch_invariant else model
 
 
 def serve_in_process(args, levels: list[int]):

@@ -109,6 +109,11 @@ class FusedProjections:
         self._int8: tuple | None = None  # (int8 rows, per-row scales, the float weight's version)
         self._int4: tuple | None = None  # (packed base rows, scales and offsets, the float weight's version)
         self._native: dict = {}  # {format: (packed rows, fp32 scales or None, the float weight's version)}
+        # {weight shape: rows}: torch's float products with that weight take at most so many rows a call
+        # (none listed: any); set for batch invariance (TriModeLM.set_batch_invariant)
+        self.row_chunks: dict[tuple[int, int], int] = {}
+        self.native_shapes: set[tuple[int, int]] = set()  # weights whose products take tridlm's at any width
+        self.invariant = False  # batch invariance: a draft token's base outputs come from the base rows alone
 
     def members(self) -> list:
         return [getattr(self.owner, n) for n in self.names]
@@ -207,10 +212,26 @@ class FusedProjections:
         return (self._n_base % native.TILE_ROWS == 0 and native.fits(self._weight.shape[1])
                 and (b is None or native.fits(b.shape[1])))
 
+    def float_weights(self) -> list[torch.Tensor]:
+        """Every weight torch's float products read: the base rows, base and A rows, A rows, the B blocks."""
+        self._ensure()
+        w, n = self._weight, self._n_base
+        return [w[:n]] if self._block_b is None else [w[:n], w[n:], self._block_b] if self.invariant else \
+            [w[:n], w, w[n:], self._block_b]
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """torch's x @ w.T, at most `row_chunks[w.shape]` rows of x per call: within the widths where every
+        row's result was measured the same whatever the call's row count (tridlm.kernels.invariant_rows)."""
+        c = self.row_chunks.get(tuple(w.shape), 0) if self.row_chunks else 0
+        if not c or x.numel() <= c * x.shape[-1]:
+            return F.linear(x, w)
+        flat = x.reshape(-1, x.shape[-1])
+        return torch.cat([F.linear(flat[i:i + c], w) for i in range(0, flat.shape[0], c)]).view(*x.shape[:-1], -1)
+
     def _drafter_product(self, xa: torch.Tensor, native: bool) -> torch.Tensor:
         """x @ A.T through the B blocks."""
-        if not native:
-            return F.linear(xa, self._block_b)
+        if not native and tuple(self._block_b.shape) not in self.native_shapes:
+            return self._linear(xa, self._block_b)
         packed, _ = self._quantized("native-b")
         return torch.ops.tridlm.gemm_bf16(xa.reshape(-1, xa.shape[-1]), packed).view(*xa.shape[:-1], -1)
 
@@ -222,6 +243,8 @@ class FusedProjections:
 
     def _product(self, x: torch.Tensor, rows: slice, quant: str | None, native: bool = False) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
+        if self.native_shapes and quant is None:
+            native = native or tuple(self._weight[rows].shape) in self.native_shapes
         if native:  # tridlm's products (bf16 or int8 rows); the base rows end on a tile (native_fits)
             packed, scales = self._quantized("native-int8" if quant else "native-bf16")
             start, stop = rows.start or 0, self._weight.shape[0] if rows.stop is None else rows.stop
@@ -231,7 +254,7 @@ class FusedProjections:
                    if quant else torch.ops.tridlm.gemm_bf16(flat, tiles))
             return out[:, :stop - start].view(*x.shape[:-1], -1)
         if quant is None:
-            return F.linear(x, self._weight[rows])
+            return self._linear(x, self._weight[rows])
         if quant == "int4":
             if rows.start:  # the drafter's A rows only: kept in bf16
                 return F.linear(x, self._weight[rows])
@@ -265,12 +288,13 @@ class FusedProjections:
         base = slice(0, self._n_base)
         if gate is None:  # no draft token: the base rows only, exactly the base model's products
             y = self._product(x, base, quant, native)
-        elif isinstance(gate, str):  # every token a draft: base outputs and x @ A.T from one product
+        elif isinstance(gate, str) and not self.invariant:  # every token a draft: base and x @ A.T in one product
             both = self._product(x, slice(None), quant, native)
             y, xa = both[..., :self._n_base], both[..., self._n_base:]
             y = y + self._drafter_product(xa, native) * self._scaling
-        else:  # drafts among base tokens: the base tokens keep the base model's exact products
+        else:  # drafts among base tokens (or all, batch-invariant): base tokens keep the base model's products
             y = self._product(x, base, quant, native)
             xa = self._product(x, slice(self._n_base, None), quant, native)
-            y = y + self._drafter_product(xa, native) * self._scaling * gate
+            delta = self._drafter_product(xa, native) * self._scaling
+            y = y + (delta if isinstance(gate, str) else delta * gate)  # a draft's gate is 1: the same bits
         return list(y.split(self._splits, dim=-1)) if len(self._splits) > 1 else [y]

@@ -147,3 +147,47 @@ def native_attention_max_tokens(model, refresh: bool = False) -> int:
     """The widest forward over a KV cache to run through tridlm.native's attention rather than torch's on
     this machine. Cached per machine like quant_max_tokens."""
     return _measured_range(model, "native-attention", lambda: measure_attention(model), refresh)
+
+
+INVARIANT_WIDEST = 64  # the widest row count checked; wider products are split into pieces this wide
+INVARIANT_VALUES = 1 << 18  # outputs compared at each row count: a changed sum order shows in few of them
+INVARIANT_DRAWS = 16  # ... in at most this many products
+
+
+def invariant_rows(n_out: int, n_in: int, dtype: torch.dtype, device, widest: int = INVARIANT_WIDEST) -> int:
+    """The largest w <= `widest` such that torch's products x @ W.T of every row count 1..w gave each row
+    the bits it gets alone, for an [n_out, n_in] weight on this machine. A GEMM library picks its kernel
+    and blocking by shape, so one row's sum order can change with the rows beside it (on an Intel Xeon in
+    bf16, past 32 rows for most of SmolLM2's shapes); splitting wider products into w-row pieces keeps each
+    row's result its solo one. Random values, as the choice depends on the shape; a changed order moves
+    only a few outputs across a rounding boundary, so each row count compares INVARIANT_VALUES of them."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n_out, n_in, generator=gen).to(dtype=dtype, device=device)
+    with torch.no_grad():
+        for m in range(1, widest + 1):
+            for _ in range(min(INVARIANT_DRAWS, -(-INVARIANT_VALUES // (m * n_out)))):
+                x = torch.randn(m, n_in, generator=gen).to(dtype=dtype, device=device)
+                solo = torch.cat([F.linear(x[i:i + 1], w) for i in range(m)])
+                if not torch.equal(F.linear(x, w), solo):
+                    return m - 1
+    return widest
+
+
+def invariant_choice(weight: torch.Tensor, native_fits: bool, rows: int = 4 * INVARIANT_WIDEST) -> tuple[int, bool]:
+    """(row pieces, whether tridlm's products) for batch-invariant products with `weight` [N, K] on this
+    machine: torch's in pieces of invariant_rows, or tridlm.native's, whose sums have one order at every
+    width (csrc/small_gemm.cpp), when they fit and are faster on a forward of `rows` rows (they are on a
+    drafter's rank-sized products, which torch keeps invariant only in pieces of a few rows)."""
+    from . import native
+
+    n, k = weight.shape
+    chunk = invariant_rows(n, k, weight.dtype, weight.device)
+    if not native_fits:
+        return chunk, False
+    x = torch.randn(rows, k).to(weight.dtype)
+    packed = native.pack(weight)
+    with torch.no_grad():
+        t_native = median_seconds(lambda: torch.ops.tridlm.gemm_bf16(x, packed), 5)
+        t_torch = median_seconds(lambda: torch.cat([F.linear(x[i:i + chunk], weight)
+                                                    for i in range(0, rows, max(chunk, 1))]), 5)
+    return chunk, t_native < t_torch

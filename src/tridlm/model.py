@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -253,6 +254,7 @@ class TriModeLM(nn.Module):
         self.native_attention_max_tokens = 0  # tridlm.native's attention for forwards over a cache this narrow
         self.native_attention_unavailable: str | None = "not chosen (set_weight_format chooses)"
         self.head = FusedProjections(self, ("diffusion_head",))
+        self.batch_invariant = False  # see set_batch_invariant
         self._compiled, self._compiled_tokens = None, ()  # compile_decode's graphs and the widths they serve
         self._compiled_for: tuple = ()  # the _graph_state they were compiled in
 
@@ -507,6 +509,50 @@ class TriModeLM(nn.Module):
         self.native_attention_max_tokens = native_attention_max_tokens
         return self
 
+    def set_batch_invariant(self, on: bool = True) -> TriModeLM:
+        """Forwards in which every row gets the bits it gets alone, whatever shares its forward: other rows,
+        padding, a wider verify block. Greedy results are then the same solo and in any batch, and greedy
+        self-speculation gives AR's exact output, in bf16, where rounding otherwise flips near ties (fp32
+        GEMMs are not row-invariant either, but their rounding rarely flips one). Needs a bf16 model on a
+        CPU where tridlm.native's attention runs. Every forward over a KV cache takes that attention
+        (each query sums its visible keys in order, so padding and hidden slots change nothing) and torch's
+        products, split into pieces of at most as many rows as were measured to give every row its solo
+        bits (tridlm.kernels.invariant_rows; a few seconds). tridlm's own products (narrow forwards only)
+        are off. "on=False" goes back to the measured choice of kernels (set_weight_format)."""
+        groups = self._fused_groups()
+        if not on:
+            for g in groups:
+                g.row_chunks, g.native_shapes, g.invariant = {}, set(), False
+            self.batch_invariant = False
+            return self.set_weight_format(self.weight_format)
+        if self.dtype != torch.bfloat16 or self.device.type != "cpu":
+            raise ValueError(f"batch-invariant forwards need a bf16 model on a CPU, not {self.dtype} on "
+                             f"{self.device}: call .to(torch.bfloat16) first (--dtype bfloat16)")
+        if self.weight_format != "float":
+            raise ValueError(f"batch-invariant forwards take bf16 weights, not {self.weight_format}: "
+                             "call set_weight_format('float') first (--dtype bfloat16)")
+        if self._compiled is not None:
+            raise ValueError("batch-invariant forwards are eager: compiled decode graphs take other kernels "
+                             "at batch 1 (use --kernels eager)")
+        misfit = self._native_attention_misfit()
+        if misfit:
+            raise ValueError(f"batch-invariant forwards need tridlm's attention, which cannot run here: {misfit}")
+        from .kernels import invariant_choice
+
+        self.set_weight_format("float", native_max_tokens=0, native_attention_max_tokens=sys.maxsize)
+        measured: dict[tuple[int, int], tuple[int, bool]] = {}
+        for g in groups:
+            g.invariant = True
+            fits = g.native_fits()
+            shapes = {tuple(w.shape): w for w in g.float_weights()}
+            for shape, w in shapes.items():
+                if (shape, fits) not in measured:
+                    measured[shape, fits] = invariant_choice(w.detach(), fits)
+            g.row_chunks = {shape: measured[shape, fits][0] for shape in shapes}
+            g.native_shapes = {shape for shape in shapes if measured[shape, fits][1]}
+        self.batch_invariant = True
+        return self
+
     def _native_attention_misfit(self) -> str | None:
         """Why tridlm.native's attention cannot serve this model, or None."""
         from . import native
@@ -541,6 +587,9 @@ class TriModeLM(nn.Module):
         stay eager. The weights are baked in: call it again after changing them (a changed dtype, weight
         format or drafter is refused; changed values are not detected). It resets torch's compiled graphs
         in this process (torch._dynamo.reset), and Inductor's freezing stays on for later compiles."""
+        if self.batch_invariant:
+            raise ValueError("compiled decode graphs take other kernels than batch-invariant forwards: call "
+                             "set_batch_invariant(False) first")
         tokens = tuple(sorted({int(t) for t in tokens}))
         if not tokens or tokens[0] < 1:
             raise ValueError(f"compile_decode needs token counts >= 1, got {tokens}")
@@ -564,7 +613,8 @@ class TriModeLM(nn.Module):
     def _graph_state(self) -> tuple:
         """What compiled graphs bake in besides the weights' values."""
         return (str(self.device), self.dtype, self.weight_format, self.quant_max_tokens, self.native_max_tokens,
-                self.native_attention_max_tokens, self.draft_adapter is not None, self.fuse_projections)
+                self.native_attention_max_tokens, self.draft_adapter is not None, self.fuse_projections,
+                self.batch_invariant)
 
     def _fused_groups(self) -> list[FusedProjections]:
         groups = [self.head]

@@ -52,8 +52,24 @@ def add_parser(subparsers) -> None:
     p.add_argument("--default-temperature", type=float, default=0.0,
                    help="temperature of requests that give none (default 0: greedy)")
     add_load_args(p)
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="bf16 forwards in which each row gets the bits it gets alone: greedy results are the same "
+                        "solo and in any batch (bf16 rounding otherwise flips near ties), and speculation turned off "
+                        "under load stays exact; implies --dtype bfloat16; CPU, eager kernels; measures its kernels' "
+                        "invariant widths at start (seconds)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
+
+
+def checked_batch_invariant(args, device: str) -> None:
+    """--batch-invariant's conflicts, refused before the model loads; a missing --dtype becomes bfloat16."""
+    if args.dtype not in (None, "bfloat16"):
+        raise SystemExit(f"--batch-invariant runs bf16 forwards: drop --dtype {args.dtype} or pass --dtype bfloat16")
+    if args.kernels != "eager":
+        raise SystemExit("--batch-invariant runs eager forwards: drop --kernels compiled")
+    if not device.startswith("cpu"):
+        raise SystemExit(f"--batch-invariant runs on a CPU, not {device}: pass --device cpu")
+    args.dtype = "bfloat16"
 
 
 def build_app(args):
@@ -64,10 +80,17 @@ def build_app(args):
     from tridlm.engine import off_this_thread
     from tridlm.server import EngineConfig, Limits, ServerConfig, create_app
 
-    source = locate_model(args.model, draft_adapter=not args.no_draft_adapter)  # None: the default model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.batch_invariant:
+        checked_batch_invariant(args, device)
+    source = locate_model(args.model, draft_adapter=not args.no_draft_adapter)  # None: the default model
+
+    def load():
+        model = prepared(source.load(device=device), args)
+        return model.set_batch_invariant() if args.batch_invariant else model
+
     # loaded and warmed off the main thread, so the engine's worker holds the only OpenMP pool
-    model = off_this_thread(lambda: prepared(source.load(device=device), args))
+    model = off_this_thread(load)
     served = {"default": "tridlm-default", "smollm2": "smollm2"}.get(source.kind)
     name = args.served_model_name or served or os.path.basename(os.path.normpath(str(source.folder)))
     config = ServerConfig(

@@ -73,20 +73,19 @@ void attend_rows(const uint16_t* const* q, int chunks, Keys kc, Keys kn, Keys vc
     float hi = ninf;
     for (int64_t j = 0; j < n; ++j) hi = std::max(hi, s[j]);
     const __m512 top = _mm512_set1_ps(hi);
-    __m512 sum = _mm512_setzero_ps();
     int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + j), top));
-      _mm512_storeu_ps(s + j, e);
-      sum = _mm512_add_ps(sum, e);
-    }
+    for (; j + 16 <= n; j += 16)
+      _mm512_storeu_ps(s + j, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + j), top)));
     if (j < n) {
       const __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + j), top));
-      _mm512_mask_storeu_ps(s + j, tail, e);
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+      _mm512_mask_storeu_ps(s + j, tail, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + j), top)));
     }
-    total[r] = _mm512_reduce_add_ps(sum);
+    // summed in key order, where hidden keys add an exact 0: the result depends only on the visible keys
+    // and their order, not on where they sit among hidden slots (padding, other rows' drafts), so a query
+    // gets the same bits in a decoding step, a verify block or any batch (TriModeLM.batch_invariant)
+    float t = 0.0f;
+    for (j = 0; j < n; ++j) t += s[j];
+    total[r] = t;
   }
   const int wide = chunks * 2;  // fp32 registers per head
   __m512 o[R][2 * kMaxChunks];

@@ -146,19 +146,20 @@ async def run_mixed(url: str, key: str | None, clients: int, per_client: int, ma
     await asyncio.gather(*(client(bodies) for bodies in plan))
     wall = time.perf_counter() - t0
     failed = sum("error" in out for _, _, out in results)
-    differ = sum("error" not in out and out["choices"][0]["text"] != solo[json.dumps(b, sort_keys=True)][1]
-                 ["choices"][0]["text"] for b, _, out in results)
+    differs = [b for b, _, out in results if "error" not in out and out["choices"][0]["text"]
+               != solo[json.dumps(b, sort_keys=True)][1]["choices"][0]["text"]]
     ratios = [took / solo[json.dumps(b, sort_keys=True)][0] for b, took, _ in results]
     per_mode = {}
     for m in MIXED_MODES:
         lat = [took for b, took, _ in results if b["mode"] == m]
         alone = [solo[json.dumps(b, sort_keys=True)][0] for b, _, _ in results if b["mode"] == m]
         if lat:
-            per_mode[m] = {"requests": len(lat), "solo_median_s": statistics.median(alone),
+            per_mode[m] = {"requests": len(lat), "differ_from_solo": sum(b["mode"] == m for b in differs),
+                           "solo_median_s": statistics.median(alone),
                            "p50_s": percentile(lat, 0.5), "p95_s": percentile(lat, 0.95),
                            "p99_s": percentile(lat, 0.99)}
     return {"clients": clients, "per_client": per_client, "max_tokens": max_tokens, "wall_s": wall,
-            "requests": len(results), "failed": failed, "differ_from_solo": differ,
+            "requests": len(results), "failed": failed, "differ_from_solo": len(differs),
             "p95_latency_over_solo": percentile(ratios, 0.95), "median_latency_over_solo": percentile(ratios, 0.5),
             "per_mode": per_mode}
 

@@ -213,11 +213,13 @@ class FusedProjections:
                 and (b is None or native.fits(b.shape[1])))
 
     def float_weights(self) -> list[torch.Tensor]:
-        """Every weight torch's float products read: the base rows, base and A rows, A rows, the B blocks."""
+        """Every weight the float products read: the base rows; with a drafter also its A rows and B blocks,
+        and (unless batch-invariant) the base and A rows together."""
         self._ensure()
         w, n = self._weight, self._n_base
-        return [w[:n]] if self._block_b is None else [w[:n], w[n:], self._block_b] if self.invariant else \
-            [w[:n], w, w[n:], self._block_b]
+        if self._block_b is None:
+            return [w[:n]]
+        return [w[:n], w[n:], self._block_b] + ([] if self.invariant else [w])
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """torch's x @ w.T, at most `row_chunks[w.shape]` rows of x per call: within the widths where every

@@ -515,10 +515,11 @@ class TriModeLM(nn.Module):
         self-speculation gives AR's exact output, in bf16, where rounding otherwise flips near ties (fp32
         GEMMs are not row-invariant either, but their rounding rarely flips one). Needs a bf16 model on a
         CPU where tridlm.native's attention runs. Every forward over a KV cache takes that attention
-        (each query sums its visible keys in order, so padding and hidden slots change nothing) and torch's
-        products, split into pieces of at most as many rows as were measured to give every row its solo
-        bits (tridlm.kernels.invariant_rows; a few seconds). tridlm's own products (narrow forwards only)
-        are off. "on=False" goes back to the measured choice of kernels (set_weight_format)."""
+        (each query sums its visible keys in order, so padding and hidden slots change nothing). Products
+        take, per weight shape, whichever measured faster of torch's, split into pieces of at most as many
+        rows as were measured to give every row its solo bits (tridlm.kernels.invariant_rows), and
+        tridlm's, whose sums have one order at every width (a drafter's rank-sized products); a few
+        seconds of measuring. "on=False" goes back to the measured choice of kernels (set_weight_format)."""
         groups = self._fused_groups()
         if not on:
             for g in groups:

@@ -224,7 +224,7 @@ class FusedProjections:
     def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """torch's x @ w.T, at most `row_chunks[w.shape]` rows of x per call: within the widths where every
         row's result was measured the same whatever the call's row count (tridlm.kernels.invariant_rows)."""
-        c = self.row_chunks.get(tuple(w.shape), 0) if self.row_chunks else 0
+        c = self.row_chunks.get(tuple(w.shape), 0)
         if not c or x.numel() <= c * x.shape[-1]:
             return F.linear(x, w)
         flat = x.reshape(-1, x.shape[-1])

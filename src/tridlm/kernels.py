@@ -93,12 +93,17 @@ def _measured_range(model, key: str, measure, refresh: bool) -> int:
             pass  # unreadable or from another version: measure again
     timings = measure()
     best = _widest_win(timings)
+    _store(path, {"max_tokens": best,
+                  "ms": {w: [round(a * 1e3, 3), round(b * 1e3, 3)] for w, (a, b) in timings.items()}})
+    return best
+
+
+def _store(path: Path, data: dict) -> None:
+    """Write a measurement's JSON whole or not at all (a crash leaves the old file or none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"max_tokens": best, "ms": {w: [round(a * 1e3, 3), round(b * 1e3, 3)]
-                                                               for w, (a, b) in timings.items()}}, indent=1))
+    tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)
-    return best
 
 
 def quant_max_tokens(model, fmt: str, refresh: bool = False) -> int:
@@ -191,5 +196,29 @@ def invariant_choice(weight: torch.Tensor, native_fits: bool, rows: int = 4 * IN
     with torch.no_grad():
         t_native = median_seconds(lambda: torch.ops.tridlm.gemm_bf16(x, packed), 5)
         t_torch = median_seconds(lambda: torch.cat([F.linear(x[i:i + chunk], weight)
-                                                    for i in range(0, rows, max(chunk, 1))]), 5)
+                                                    for i in range(0, rows, chunk)]), 5)
     return chunk, t_native < t_torch
+
+
+def invariant_choices(model, refresh: bool = False) -> dict[tuple[int, int, bool], tuple[int, bool]]:
+    """{(N, K, whether tridlm's products fit the group): invariant_choice} for every weight the model's
+    batch-invariant products read (FusedProjections.float_weights, groups marked invariant). About 10 s for
+    the default model on 2 cores; cached per machine like quant_max_tokens, and with tridlm's kernels'
+    source, on which the choice depends."""
+    path = cache_file(model, "native-invariant")
+    if path.exists() and not refresh:
+        try:
+            data = json.loads(path.read_text())
+            if data["widest"] == INVARIANT_WIDEST:
+                return {(n, k, fits): (chunk, bool(native)) for n, k, fits, chunk, native in data["choices"]}
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable or from another version: measure again
+    choices = {}
+    for g in model._fused_groups():
+        fits = g.native_fits()
+        for w in g.float_weights():
+            key = (*w.shape, fits)
+            if key not in choices:
+                choices[key] = invariant_choice(w.detach(), fits)
+    _store(path, {"widest": INVARIANT_WIDEST, "choices": [[*key, *choice] for key, choice in choices.items()]})
+    return choices

@@ -519,7 +519,8 @@ class TriModeLM(nn.Module):
         take, per weight shape, whichever measured faster of torch's, split into pieces of at most as many
         rows as were measured to give every row its solo bits (tridlm.kernels.invariant_rows), and
         tridlm's, whose sums have one order at every width (a drafter's rank-sized products): about 10 s
-        of measuring for the default model on 2 cores. "on=False" goes back to the measured choice of
+        of measuring for the default model on 2 cores, once per machine (tridlm.kernels.invariant_choices).
+        "on=False" goes back to the measured choice of
         kernels (set_weight_format)."""
         groups = self._fused_groups()
         if not on:
@@ -539,19 +540,17 @@ class TriModeLM(nn.Module):
         misfit = self._native_attention_misfit()
         if misfit:
             raise ValueError(f"batch-invariant forwards need tridlm's attention, which cannot run here: {misfit}")
-        from .kernels import invariant_choice
+        from .kernels import invariant_choices
 
         self.set_weight_format("float", native_max_tokens=0, native_attention_max_tokens=sys.maxsize)
-        measured: dict[tuple[int, int], tuple[int, bool]] = {}
         for g in groups:
             g.invariant = True
+        choices = invariant_choices(self)
+        for g in groups:
             fits = g.native_fits()
-            shapes = {tuple(w.shape): w for w in g.float_weights()}
-            for shape, w in shapes.items():
-                if (shape, fits) not in measured:
-                    measured[shape, fits] = invariant_choice(w.detach(), fits)
-            g.row_chunks = {shape: measured[shape, fits][0] for shape in shapes}
-            g.native_shapes = {shape for shape in shapes if measured[shape, fits][1]}
+            shapes = {tuple(w.shape) for w in g.float_weights()}
+            g.row_chunks = {shape: choices[(*shape, fits)][0] for shape in shapes}
+            g.native_shapes = {shape for shape in shapes if choices[(*shape, fits)][1]}
         self.batch_invariant = True
         return self
 

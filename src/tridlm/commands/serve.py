@@ -56,7 +56,7 @@ def add_parser(subparsers) -> None:
                    help="bf16 forwards in which each row gets the bits it gets alone: greedy results are the same "
                         "solo and in any batch (bf16 rounding otherwise flips near ties), and speculation turned off "
                         "under load stays exact; implies --dtype bfloat16; CPU, eager kernels; measures its kernels' "
-                        "invariant widths at start (about 10 s for the default model on 2 cores)")
+                        "invariant widths once per machine (about 10 s for the default model on 2 cores)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
 

@@ -100,6 +100,19 @@ def test_a_draft_token_beside_base_tokens_gets_the_bits_of_an_all_draft_forward(
     assert torch.equal(mixed[~d], no_draft[~d])
 
 
+@needs_native
+def test_each_weight_takes_a_kernel_this_machine_runs(monkeypatch):
+    """The choice is among the kernels that run here, and torch's alone where the packed layout misfits."""
+    from tridlm import kernels, native
+
+    w = torch.randn(64, 64).bfloat16()
+    runs = ("torch", "native") + (() if native.amx_unavailable() else ("amx",))
+    assert kernels.invariant_choice(w, native_fits=True, rows=8)[1] in runs
+    assert kernels.invariant_choice(w, native_fits=False, rows=8)[1] == "torch"
+    monkeypatch.setattr(native, "amx_unavailable", lambda: "this CPU lacks amx_tile")
+    assert kernels.invariant_choice(w, native_fits=True, rows=8)[1] in ("torch", "native")
+
+
 def test_batch_invariance_needs_a_bf16_model_and_says_so():
     with pytest.raises(ValueError, match=r"bf16 model.*\.to\(torch\.bfloat16\)"):
         random_model(0).set_batch_invariant()

@@ -66,6 +66,39 @@ def test_a_row_does_not_depend_on_the_rows_beside_it():
         assert torch.equal(torch.ops.tridlm.gemm_bf16(x[:i + 1], w), every[:i + 1])
 
 
+AMX_REASON = native.amx_unavailable()
+needs_amx = pytest.mark.skipif(AMX_REASON is not None, reason=f"tridlm's AMX product unavailable here: {AMX_REASON}")
+
+
+@needs_amx
+def test_amx_products_are_the_exact_sums_to_rounding():
+    for x, w in cases():
+        got = torch.ops.tridlm.gemm_bf16_amx(x, native.pack(w))[:, :w.shape[0]].double()
+        assert bool(((got - x.double() @ w.double().T).abs() <= bound(x, w)).all())
+
+
+@needs_amx
+def test_an_amx_row_does_not_depend_on_the_rows_beside_it():
+    """Whole 32-row blocks, what is left after them, and a first row group alone: one order for each output."""
+    gen = torch.Generator().manual_seed(7)
+    w = native.pack(torch.randn(96, 128, generator=gen).bfloat16())
+    wide = torch.randn(70, 200, generator=gen).bfloat16()
+    x = wide[:, 40:168]
+    every = torch.ops.tridlm.gemm_bf16_amx(x, w)
+    assert torch.equal(every, torch.ops.tridlm.gemm_bf16_amx(x.contiguous(), w))
+    for m in (1, 5, 16, 17, 31, 32, 33, 48, 63, 64, 65):
+        assert torch.equal(torch.ops.tridlm.gemm_bf16_amx(x[:m], w), every[:m])
+        assert torch.equal(torch.ops.tridlm.gemm_bf16_amx(x[m:m + 1], w)[0], every[m])
+
+
+@needs_amx
+def test_the_amx_product_refuses_inputs_off_its_tile_step():
+    x, w = torch.ones(2, 48, dtype=torch.bfloat16), native.pack(torch.ones(32, 48, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="multiple of 32 inputs, not 48"):
+        torch.ops.tridlm.gemm_bf16_amx(x, w)
+    assert not native.amx_fits(48) and native.amx_fits(576)
+
+
 def drafted_bf16(seed: int):
     m = random_model(seed)
     lora.attach(m, rank=6, alpha=12)  # 18 q/k/v drafter rows: a padded tile

@@ -18,7 +18,8 @@ stay in bf16 (a few rows, a separate small product).
 
 Narrow forwards can instead take tridlm's own products (`tridlm.native`: bf16 weights, or the same int8
 codes and per-row scales), on a packed copy of the fused rows made once; TriModeLM.set_weight_format
-measures where they win on the machine at hand.
+measures where they win on the machine at hand. Batch-invariant forwards (TriModeLM.set_batch_invariant)
+give each weight one kernel at every width instead (`own_kernels`: the AVX-512 or the AMX product).
 
 The layout is checked before each use (the members' storage pointers) and rebuilt when something
 replaced a parameter -- `.to(dtype)`, `load_state_dict(assign=True)`, `deepcopy`, attaching a drafter
@@ -87,6 +88,18 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz
 
 
+def _amx_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.tridlm.gemm_bf16_amx(x, packed)
+
+
+def _native_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.tridlm.gemm_bf16(x, packed)
+
+
+# tridlm's bf16 products on packed weights (tridlm.native): the AVX-512 one and the AMX one
+OWN_PRODUCTS = {"native": _native_product, "amx": _amx_product}
+
+
 def int8_available(device) -> bool:
     """Whether torch's int8 weight-only product runs on `device` (CPU builds have it; not every GPU build)."""
     try:
@@ -112,7 +125,9 @@ class FusedProjections:
         # {weight shape: rows}: torch's float products with that weight take at most so many rows a call
         # (none listed: any); set for batch invariance (TriModeLM.set_batch_invariant)
         self.row_chunks: dict[tuple[int, int], int] = {}
-        self.native_shapes: set[tuple[int, int]] = set()  # weights whose products take tridlm's at any width
+        # {weight shape: "native" or "amx"}: products with that weight take that one of tridlm's kernels
+        # (OWN_PRODUCTS) at every width; set for batch invariance like row_chunks
+        self.own_kernels: dict[tuple[int, int], str] = {}
         self.invariant = False  # batch invariance: a draft token's base outputs come from the base rows alone
 
     def members(self) -> list:
@@ -232,10 +247,11 @@ class FusedProjections:
 
     def _drafter_product(self, xa: torch.Tensor, native: bool) -> torch.Tensor:
         """x @ A.T through the B blocks."""
-        if not native and tuple(self._block_b.shape) not in self.native_shapes:
+        kernel = self.own_kernels.get(tuple(self._block_b.shape), "native" if native else None)
+        if kernel is None:
             return self._linear(xa, self._block_b)
         packed, _ = self._quantized("native-b")
-        return torch.ops.tridlm.gemm_bf16(xa.reshape(-1, xa.shape[-1]), packed).view(*xa.shape[:-1], -1)
+        return OWN_PRODUCTS[kernel](xa.reshape(-1, xa.shape[-1]), packed).view(*xa.shape[:-1], -1)
 
     def _int8_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._quantized("int8")
@@ -245,15 +261,16 @@ class FusedProjections:
 
     def _product(self, x: torch.Tensor, rows: slice, quant: str | None, native: bool = False) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if self.native_shapes and quant is None:
-            native = native or tuple(self._weight[rows].shape) in self.native_shapes
-        if native:  # tridlm's products (bf16 or int8 rows); the base rows end on a tile (native_fits)
+        kernel = "native" if native else None
+        if self.own_kernels and quant is None:
+            kernel = self.own_kernels.get(tuple(self._weight[rows].shape), kernel)
+        if kernel:  # tridlm's products (bf16 or int8 rows); the base rows end on a tile (native_fits)
             packed, scales = self._quantized("native-int8" if quant else "native-bf16")
             start, stop = rows.start or 0, self._weight.shape[0] if rows.stop is None else rows.stop
             t0, t1 = start // packed.shape[2], -(-stop // packed.shape[2])  # the last tile may be padded
             tiles = packed[t0:t1]
             out = (torch.ops.tridlm.gemm_int8(flat, tiles, scales[t0 * packed.shape[2]:t1 * packed.shape[2]])
-                   if quant else torch.ops.tridlm.gemm_bf16(flat, tiles))
+                   if quant else OWN_PRODUCTS[kernel](flat, tiles))
             return out[:, :stop - start].view(*x.shape[:-1], -1)
         if quant is None:
             return self._linear(x, self._weight[rows])

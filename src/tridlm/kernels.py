@@ -180,27 +180,39 @@ def invariant_rows(n_out: int, n_in: int, dtype: torch.dtype, device, widest: in
     return widest
 
 
-def invariant_choice(weight: torch.Tensor, native_fits: bool, rows: int = 4 * INVARIANT_WIDEST) -> tuple[int, bool]:
-    """(row pieces, whether tridlm's products) for batch-invariant products with `weight` [N, K] on this
-    machine: torch's in pieces of invariant_rows, or tridlm.native's, whose sums have one order at every
-    width (csrc/small_gemm.cpp), when they fit and are faster on a forward of `rows` rows (they are on a
-    drafter's rank-sized products, which torch keeps invariant only in pieces of a few rows)."""
-    from . import native
+INVARIANT_KERNELS = ("torch", "native", "amx")  # torch's in row pieces; tridlm's AVX-512 and AMX products
+
+
+def invariant_choice(weight: torch.Tensor, native_fits: bool, rows: int = 4 * INVARIANT_WIDEST) -> tuple[int, str]:
+    """(row pieces, kernel) for batch-invariant products with `weight` [N, K] on this machine. Candidates:
+    torch's products in pieces of invariant_rows; and, where the packed layout fits, tridlm's AVX-512 and AMX
+    products (csrc/small_gemm.cpp, csrc/amx_gemm.cpp), which sum every output in one order at every width.
+    Each is timed alone (1 row: a solo decoding step) and on `rows` rows (a loaded server's forward); the one
+    whose two times, each over the fastest at that width, have the least product wins, so solo latency and
+    throughput under load count alike."""
+    from . import fusion, native
 
     n, k = weight.shape
     chunk = invariant_rows(n, k, weight.dtype, weight.device)
-    if not native_fits:
-        return chunk, False
-    x = torch.randn(rows, k).to(weight.dtype)
-    packed = native.pack(weight)
+    products = {"torch": lambda x: torch.cat([F.linear(x[i:i + chunk], weight) for i in range(0, len(x), chunk)])}
+    if native_fits:
+        packed = native.pack(weight)
+        products["native"] = lambda x: fusion.OWN_PRODUCTS["native"](x, packed)
+        if native.amx_fits(k) and not native.amx_unavailable():
+            products["amx"] = lambda x: fusion.OWN_PRODUCTS["amx"](x, packed)
+    if len(products) == 1:
+        return chunk, "torch"
+    times = {name: [] for name in products}
     with torch.no_grad():
-        t_native = median_seconds(lambda: torch.ops.tridlm.gemm_bf16(x, packed), 5)
-        t_torch = median_seconds(lambda: torch.cat([F.linear(x[i:i + chunk], weight)
-                                                    for i in range(0, rows, chunk)]), 5)
-    return chunk, t_native < t_torch
+        for m in (1, rows):
+            x = torch.randn(m, k).to(weight.dtype)
+            for name, product in products.items():
+                times[name].append(median_seconds(lambda p=product, x=x: p(x), 5))
+    fastest = [min(t[i] for t in times.values()) for i in range(2)]
+    return chunk, min(times, key=lambda name: times[name][0] / fastest[0] * times[name][1] / fastest[1])
 
 
-def invariant_choices(model, refresh: bool = False) -> dict[tuple[int, int, bool], tuple[int, bool]]:
+def invariant_choices(model, refresh: bool = False) -> dict[tuple[int, int, bool], tuple[int, str]]:
     """{(N, K, whether tridlm's products fit the group): invariant_choice} for every weight the model's
     batch-invariant products read (FusedProjections.float_weights, groups marked invariant). About 10 s for
     the default model on 2 cores; cached per machine like quant_max_tokens, and with tridlm's kernels'
@@ -209,8 +221,8 @@ def invariant_choices(model, refresh: bool = False) -> dict[tuple[int, int, bool
     if path.exists() and not refresh:
         try:
             data = json.loads(path.read_text())
-            if data["widest"] == INVARIANT_WIDEST:
-                return {(n, k, fits): (chunk, bool(native)) for n, k, fits, chunk, native in data["choices"]}
+            if data["widest"] == INVARIANT_WIDEST and all(c[4] in INVARIANT_KERNELS for c in data["choices"]):
+                return {(n, k, fits): (chunk, kernel) for n, k, fits, chunk, kernel in data["choices"]}
         except (ValueError, KeyError, TypeError):
             pass  # unreadable or from another version: measure again
     choices = {}

@@ -516,16 +516,16 @@ class TriModeLM(nn.Module):
         GEMMs are not row-invariant either, but their rounding rarely flips one). Needs a bf16 model on a
         CPU where tridlm.native's attention runs. Every forward over a KV cache takes that attention
         (each query sums its visible keys in order, so padding and hidden slots change nothing). Products
-        take, per weight shape, whichever measured faster of torch's, split into pieces of at most as many
-        rows as were measured to give every row its solo bits (tridlm.kernels.invariant_rows), and
-        tridlm's, whose sums have one order at every width (a drafter's rank-sized products): about 10 s
-        of measuring for the default model on 2 cores, once per machine (tridlm.kernels.invariant_choices).
+        take, per weight shape and at every width, whichever measured best of torch's, split into pieces of
+        at most as many rows as were measured to give every row its solo bits (tridlm.kernels.invariant_rows),
+        and tridlm's AVX-512 and AMX products, whose sums have one order at every width: about 10 s of
+        measuring for the default model on 2 cores, once per machine (tridlm.kernels.invariant_choices).
         "on=False" goes back to the measured choice of
         kernels (set_weight_format)."""
         groups = self._fused_groups()
         if not on:
             for g in groups:
-                g.row_chunks, g.native_shapes, g.invariant = {}, set(), False
+                g.row_chunks, g.own_kernels, g.invariant = {}, {}, False
             self.batch_invariant = False
             return self.set_weight_format(self.weight_format)
         if self.dtype != torch.bfloat16 or self.device.type != "cpu":
@@ -550,7 +550,8 @@ class TriModeLM(nn.Module):
             fits = g.native_fits()
             shapes = {tuple(w.shape) for w in g.float_weights()}
             g.row_chunks = {shape: choices[(*shape, fits)][0] for shape in shapes}
-            g.native_shapes = {shape for shape in shapes if choices[(*shape, fits)][1]}
+            g.own_kernels = {shape: choices[(*shape, fits)][1] for shape in shapes
+                             if choices[(*shape, fits)][1] != "torch"}
         self.batch_invariant = True
         return self
 

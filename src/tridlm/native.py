@@ -5,7 +5,8 @@ under `tridlm.machine.cache_root()/native/`, and loaded as the torch ops `torch.
 `gemm_int8` and `attend_bf16`, which torch.compile graphs call like any op.
 They need AVX-512 with BF16 dot products (AMD Zen 4, Intel Sapphire Rapids and later); where that, a
 compiler or the build is missing, `unavailable()` says why and tridlm keeps torch's products.
-`TRIDLM_NATIVE=0` turns them off.
+`TRIDLM_NATIVE=0` turns them off. CPUs with AMX also get `torch.ops.tridlm.gemm_bf16_amx`
+(`csrc/amx_gemm.cpp`: wide bf16 products on the same packed weights); `amx_unavailable()` says why not.
 
 Weights are packed as [N/32, K/2, 32, 2]: tiles of 32 output rows, their inputs in pairs (`pack`).
 """
@@ -21,13 +22,17 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("small_gemm.cpp", "attention.cpp"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("small_gemm.cpp", "attention.cpp", "amx_gemm.cpp"))
 TILE_ROWS, TILE_COLS = 32, 2  # the packed layout's tile: output rows x inputs
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-ARCH = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
+AMX_FLAGS = ("amx_tile", "amx_bf16")
+AMX_INPUTS = 32  # gemm_bf16_amx's inputs per tile step: it takes a multiple of this many
+# the AMX instructions are only compiled in; they run only where amx_unavailable() is None
+ARCH = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16")
 
 _reason: str | None = None  # why they are unavailable; "" once loaded
 _tried = False
+_amx_reason: str | None = None  # why gemm_bf16_amx is unavailable; "" once it ran
 
 
 def unavailable() -> str | None:
@@ -40,6 +45,30 @@ def unavailable() -> str | None:
         except Exception as e:  # a failed build or load leaves torch's products, never a broken model
             _reason = f"loading tridlm's CPU kernels failed: {e}"
     return _reason or None
+
+
+def amx_unavailable() -> str | None:
+    """Why gemm_bf16_amx cannot run in this process (no AMX, the OS refused the tile state), or None."""
+    global _amx_reason
+    if _amx_reason is None:
+        missing = [f for f in AMX_FLAGS if f not in _cpu_flags()]
+        if unavailable():
+            _amx_reason = unavailable()
+        elif missing:
+            _amx_reason = f"this CPU lacks {', '.join(missing)}"
+        else:
+            try:
+                torch.ops.tridlm.gemm_bf16_amx(torch.zeros(1, AMX_INPUTS, dtype=torch.bfloat16),
+                                               pack(torch.zeros(TILE_ROWS, AMX_INPUTS, dtype=torch.bfloat16)))
+                _amx_reason = ""
+            except RuntimeError as e:
+                _amx_reason = str(e).splitlines()[0]
+    return _amx_reason or None
+
+
+def amx_fits(inputs: int) -> bool:
+    """Whether gemm_bf16_amx takes a product with this many inputs."""
+    return inputs % AMX_INPUTS == 0
 
 
 def fits(inputs: int) -> bool:
@@ -122,6 +151,10 @@ def _load() -> str:
     torch.ops.load_library(str(path))
 
     @torch.library.register_fake("tridlm::gemm_bf16")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0] * TILE_ROWS)
+
+    @torch.library.register_fake("tridlm::gemm_bf16_amx")
     def _(x, w):
         return x.new_empty(x.shape[0], w.shape[0] * TILE_ROWS)
 

@@ -55,8 +55,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-invariant", action="store_true",
                    help="bf16 forwards in which each row gets the bits it gets alone: greedy results are the same "
                         "solo and in any batch (bf16 rounding otherwise flips near ties), and speculation turned off "
-                        "under load stays exact; implies --dtype bfloat16; CPU, eager kernels; measures its kernels' "
-                        "invariant widths once per machine (about 10 s for the default model on 2 cores)")
+                        "under load stays exact; implies --dtype bfloat16; CPU, eager kernels; chooses its kernels "
+                        "(AMX where the CPU has it) by measuring once per machine (about 10 s for the default model "
+                        "on 2 cores)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
 

@@ -1,0 +1,127 @@
+// tridlm's bf16 product for wide forwards on CPUs with AMX (Intel Sapphire Rapids and later):
+// y[M, N] = x[M, K] @ W[N, K]^T, bf16 in and out, fp32 sums, W in small_gemm.cpp's packed layout
+// [N/32][K/2][32][2]. That layout is already what an AMX B tile wants (16 input pairs x 16 outputs x 2,
+// a row every 128 bytes), so the same packed copy serves both kernels.
+//
+// Each output is summed over K in one order, 32 inputs per tile step, whatever M is: a row's result does
+// not depend on the rows beside it, at any width (torch's bf16 GEMM changes kernel with the row count).
+// The order is not the AVX-512 kernel's (their roundings differ in a few outputs in 10^4), so a weight
+// takes one of the two at every width when rows must keep their solo bits.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace {
+
+constexpr int64_t kTile = 32, kPair = 2, kStep = 32, kTileRows = 16;
+constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // Linux: ask for the tile state
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_ready() {  // the kernel lets a process use the tile registers only once it asked
+  static const bool ok = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return ok;
+}
+
+// Tiles: 0-3 sums (rows 0-15 / 16-31 x outputs 0-15 / 16-31), 4-5 x (rows 0-15 / 16-31), 6-7 W.
+// `rows` is how many rows of x this block holds (1..32); the second row group exists when rows > 16.
+void configure(int64_t rows) {
+  TileConfig c;
+  const uint8_t first = (uint8_t)std::min(rows, kTileRows), second = (uint8_t)std::max<int64_t>(rows - kTileRows, 0);
+  for (int t : {0, 1}) { c.rows[t] = first; c.colsb[t] = 64; }
+  for (int t : {2, 3}) { c.rows[t] = second; c.colsb[t] = second ? 64 : 0; }
+  c.rows[4] = first; c.colsb[4] = 64;
+  c.rows[5] = second; c.colsb[5] = second ? 64 : 0;
+  for (int t : {6, 7}) { c.rows[t] = kTileRows; c.colsb[t] = 64; }
+  asm volatile("" : : "r"(&c) : "memory");  // gcc 12 drops these stores: it does not see ldtilecfg read them
+  _tile_loadconfig(&c);
+}
+
+// one block of up to 32 rows of x against one packed tile of 32 outputs; sums land in c [rows][32]
+template <bool kTwoGroups>
+inline void block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if (kTwoGroups) { _tile_zero(2); _tile_zero(3); }
+  constexpr int64_t w_stride = kTile * kPair * 2;  // bytes from one input pair to the next
+  for (int64_t k0 = 0; k0 < K; k0 += kStep) {
+    const uint16_t* wk = w + (k0 / kPair) * kTile * kPair;
+    _tile_loadd(6, wk, w_stride);
+    _tile_loadd(7, wk + kTileRows * kPair, w_stride);
+    _tile_loadd(4, x + k0, ldx * 2);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (kTwoGroups) {
+      _tile_loadd(5, x + kTileRows * ldx + k0, ldx * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, kTile * 4);
+  _tile_stored(1, c + kTileRows, kTile * 4);
+  if (kTwoGroups) {
+    _tile_stored(2, c + kTileRows * kTile, kTile * 4);
+    _tile_stored(3, c + kTileRows * kTile + kTileRows, kTile * 4);
+  }
+}
+
+inline void store_rows(const float* c, int64_t rows, uint16_t* out, int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int h = 0; h < 2; ++h)  // round to nearest even, as the AVX-512 kernel does
+      _mm256_storeu_si256((__m256i*)(out + r * ldo + kTileRows * h),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c + r * kTile + kTileRows * h)));
+}
+
+at::Tensor gemm_bf16_amx(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(amx_ready(), "gemm_bf16_amx needs AMX, which this CPU or kernel does not grant");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "gemm_bf16_amx takes bf16 x [M, K]");
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == kTile && w.size(3) == kPair && w.is_contiguous() &&
+                  w.scalar_type() == at::kBFloat16,
+              "gemm_bf16_amx takes bf16 weights packed as [N/32, K/2, 32, 2]");
+  const int64_t M = x.size(0), K = x.size(1), tiles = w.size(0), pairs = w.size(1), N = tiles * kTile;
+  TORCH_CHECK(pairs * kPair == K, "x has ", K, " inputs, the packed weights ", pairs * kPair);
+  TORCH_CHECK(K % kStep == 0, "gemm_bf16_amx takes a multiple of ", kStep, " inputs, not ", K);
+  at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  const int64_t ldx = xc.stride(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
+  const uint16_t* xp = (const uint16_t*)xc.data_ptr();
+  const uint16_t* wp = (const uint16_t*)w.data_ptr();
+  uint16_t* op = (uint16_t*)out.data_ptr();
+  const int64_t full = M / kTile * kTile, rest = M - full;  // blocks of 32 rows, then what is left
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    alignas(64) float c[kTile * kTile];
+    int64_t configured = -1;  // the row count the tile registers are set up for
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint16_t* wt = wp + t * pairs * kTile * kPair;
+      if (full && configured != kTile) configure(configured = kTile);
+      for (int64_t m0 = 0; m0 < full; m0 += kTile) {
+        block<true>(xp + m0 * ldx, ldx, wt, K, c);
+        store_rows(c, kTile, op + m0 * N + t * kTile, N);
+      }
+      if (rest) {
+        if (configured != rest) configure(configured = rest);
+        if (rest > kTileRows) block<true>(xp + full * ldx, ldx, wt, K, c);
+        else block<false>(xp + full * ldx, ldx, wt, K, c);
+        store_rows(c, rest, op + full * N + t * kTile, N);
+      }
+    }
+    _tile_release();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tridlm, m) {
+  m.def("gemm_bf16_amx(Tensor x, Tensor w) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tridlm, CPU, m) { m.impl("gemm_bf16_amx", gemm_bf16_amx); }

@@ -136,6 +136,42 @@ def test_the_model_through_native_products_agrees_with_torchs(fmt, with_drafter,
             assert_logits_agree(m, m(ids, pattern="causal", draft=gate), ref)
 
 
+@needs_amx
+@pytest.mark.parametrize("with_drafter", [False, True])
+def test_the_model_through_amx_products_agrees_with_torchs(with_drafter, monkeypatch):
+    from tridlm import fusion
+
+    calls = []
+    amx = fusion.OWN_PRODUCTS["amx"]
+    monkeypatch.setitem(fusion.OWN_PRODUCTS, "amx", lambda x, w: calls.append(x.shape) or amx(x, w))
+    m = random_model(3)
+    if with_drafter:
+        lora.attach(m, rank=32, alpha=32)  # rank-sized products take the AMX one too: 32 inputs
+        with torch.no_grad():
+            for p in lora.lora_parameters(m).values():
+                p.normal_(0, 0.2)
+    m = m.to(torch.bfloat16)
+    ids = torch.randint(4, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        m.set_weight_format("float", native_max_tokens=0)
+        want = {p: m(ids, pattern=p) for p in ("causal", "block")}
+        m.set_weight_format("float", native_max_tokens=64)
+        m.native_kernel = "amx"
+        for pattern, ref in want.items():
+            calls.clear()
+            assert_logits_agree(m, m(ids, pattern=pattern), ref)
+            assert len(calls) >= 4 * m.config.num_hidden_layers + 1
+
+
+def test_narrow_forwards_take_the_avx512_product_where_amx_cannot_serve(monkeypatch):
+    from tridlm import kernels
+
+    if REASON is None:
+        assert kernels.native_kernel(drafted_bf16(3)) == "native"  # rank 6: B blocks of 18 inputs
+    monkeypatch.setattr(native, "amx_unavailable", lambda: "this CPU lacks amx_tile")
+    assert kernels.native_kernel(random_model(3).to(torch.bfloat16)) == "native"
+
+
 def test_the_native_range_falls_back_to_torch_where_the_products_cannot_run(monkeypatch):
     monkeypatch.setattr(native, "unavailable", lambda: "this CPU lacks avx512_bf16")
     m = random_model(4).to(torch.bfloat16).set_weight_format("float")

@@ -100,6 +100,11 @@ def _native_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 OWN_PRODUCTS = {"native": _native_product, "amx": _amx_product}
 
 
+def _kernel(native: bool | str) -> str | None:
+    """The OWN_PRODUCTS kernel a call's `native` asks for: True is the AVX-512 one, a name that kernel."""
+    return "native" if native is True else native or None
+
+
 def int8_available(device) -> bool:
     """Whether torch's int8 weight-only product runs on `device` (CPU builds have it; not every GPU build)."""
     try:
@@ -247,7 +252,7 @@ class FusedProjections:
 
     def _drafter_product(self, xa: torch.Tensor, native: bool) -> torch.Tensor:
         """x @ A.T through the B blocks."""
-        kernel = self.own_kernels.get(tuple(self._block_b.shape), "native" if native else None)
+        kernel = self.own_kernels.get(tuple(self._block_b.shape), _kernel(native))
         if kernel is None:
             return self._linear(xa, self._block_b)
         packed, _ = self._quantized("native-b")
@@ -261,7 +266,7 @@ class FusedProjections:
 
     def _product(self, x: torch.Tensor, rows: slice, quant: str | None, native: bool = False) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        kernel = "native" if native else None
+        kernel = _kernel(native)
         if self.own_kernels and quant is None:
             kernel = self.own_kernels.get(tuple(self._weight[rows].shape), kernel)
         if kernel:  # tridlm's products (bf16 or int8 rows); the base rows end on a tile (native_fits)
@@ -300,7 +305,8 @@ class FusedProjections:
 
     def __call__(self, x: torch.Tensor, quant: str | None = None, native: bool = False) -> list[torch.Tensor]:
         """The members' outputs for input x; quant "int8" / "int4": weight-only products (bf16 activations);
-        native: through tridlm.native's products (quant None or "int8"; the caller checked native_fits)."""
+        native: through tridlm.native's products (quant None or "int8"; the caller checked native_fits): True
+        or "native" the AVX-512 one, "amx" the AMX one for bf16 weights (int8 always takes the AVX-512 one)."""
         if not torch.compiler.is_compiling():  # a compiled graph captured the prepared layout
             self._ensure()
         gate = self._gate_src.value if self._gate_src is not None else None

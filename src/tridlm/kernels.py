@@ -52,15 +52,16 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def measure_widths(model, fmt: str, widths=WIDTHS, repeats: int = 5,
-                   native: bool = False) -> dict[int, tuple[float, float]]:
+                   native: bool | str = False) -> dict[int, tuple[float, float]]:
     """{width: (seconds through `fmt` products, seconds through bf16 ones)} for the base products of a
     few layers (q/k/v, o, gate/up, down) at that many tokens. native: (tridlm.native's products, torch's)
-    in `fmt` ("float": bf16 weights)."""
+    in `fmt` ("float": bf16 weights), through the model's native_kernel or the one `native` names."""
     groups = []
     for layer in model.encoder.layers[:LAYERS_TIMED]:
         groups += [layer.self_attn.qkv, layer.self_attn.out, layer.mlp.gate_up, layer.mlp.down]
     quant = fmt if fmt in ("int8", "int4") else None
-    paths = ((quant, True), (quant, False)) if native else ((quant, False), (None, False))
+    mine = native if isinstance(native, str) else model.native_kernel if quant is None else True
+    paths = ((quant, mine), (quant, False)) if native else ((quant, False), (None, False))
     out = {}
     with torch.no_grad():
         for g in groups:
@@ -115,7 +116,37 @@ def quant_max_tokens(model, fmt: str, refresh: bool = False) -> int:
 def native_max_tokens(model, fmt: str, refresh: bool = False) -> int:
     """The widest forward to run through tridlm.native's products in `fmt` ("float": bf16 weights, or
     "int8") rather than torch's, on this machine. Cached per machine like quant_max_tokens."""
-    return _measured_range(model, f"native-{fmt}", lambda: measure_widths(model, fmt, native=True), refresh)
+    key = f"native-{fmt}" + (f"-{model.native_kernel}" if fmt == "float" else "")
+    return _measured_range(model, key, lambda: measure_widths(model, fmt, native=True), refresh)
+
+
+NATIVE_KERNEL_WIDTHS = (1, 8, 32)  # a decoding step, a draft or verify block, a batch of them
+
+
+def native_kernel(model, refresh: bool = False) -> str:
+    """Which of tridlm's bf16 products the model's narrow forwards take on this machine: "amx" where the AMX
+    one runs, fits every fused group and took less time summed over NATIVE_KERNEL_WIDTHS than the AVX-512
+    one on the model's own products, else "native". Cached per machine like quant_max_tokens."""
+    from . import native
+
+    groups = model._fused_groups()
+    fits = all(native.amx_fits(w.shape[1]) for g in groups for w in g.float_weights())
+    if native.amx_unavailable() or not fits:
+        return "native"
+    path = cache_file(model, "native-kernel")
+    if path.exists() and not refresh:
+        try:
+            kernel = json.loads(path.read_text())["kernel"]
+            if kernel in ("native", "amx"):
+                return kernel
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable or from another version: measure again
+    timings = measure_widths(model, "float", NATIVE_KERNEL_WIDTHS, native="amx")
+    avx512 = measure_widths(model, "float", NATIVE_KERNEL_WIDTHS, native="native")
+    amx_s, avx512_s = sum(t[0] for t in timings.values()), sum(t[0] for t in avx512.values())
+    kernel = "amx" if amx_s < avx512_s else "native"
+    _store(path, {"kernel": kernel, "ms": {"amx": round(amx_s * 1e3, 3), "native": round(avx512_s * 1e3, 3)}})
+    return kernel
 
 
 def measure_attention(model, widths=WIDTHS, repeats: int = 5, context: int = 192) -> dict[int, tuple[float, float]]:

@@ -250,6 +250,7 @@ class TriModeLM(nn.Module):
         self.weight_format = "float"  # or "int8" / "int4": see set_weight_format
         self.quant_max_tokens = 0  # quantized products for forwards of at most this many tokens (batch x tokens)
         self.native_max_tokens = 0  # tridlm.native's products for forwards of at most this many tokens
+        self.native_kernel = "native"  # which of them for bf16 weights: "native" (AVX-512) or "amx"
         self.native_unavailable: str | None = "not chosen (set_weight_format chooses)"
         self.native_attention_max_tokens = 0  # tridlm.native's attention for forwards over a cache this narrow
         self.native_attention_unavailable: str | None = "not chosen (set_weight_format chooses)"
@@ -358,7 +359,8 @@ class TriModeLM(nn.Module):
             ctx.quant = self.weight_format
         # set_weight_format keeps the range inside the bf16 / int8 forwards it was measured for; a later
         # .to(dtype) leaves torch's products
-        ctx.native = ctx.fused and B * T <= self.native_max_tokens and self.dtype == torch.bfloat16
+        ctx.native = (ctx.fused and B * T <= self.native_max_tokens and self.dtype == torch.bfloat16
+                      and self.native_kernel)
         ctx.native_attention = (ctx.fused and cache is not None and B * T <= self.native_attention_max_tokens
                                 and self.dtype == torch.bfloat16)
         if self._draft_gate is not None:
@@ -458,7 +460,8 @@ class TriModeLM(nn.Module):
         machine, see tridlm.kernels) use the bf16 weights, faster there: prefills, typically.
 
         Forwards of at most `native_max_tokens` tokens take tridlm's own products (tridlm.native) for bf16
-        weights ("float" on a bf16 model) and int8 ones; default: measured here for bf16 weights, 0 where
+        weights ("float" on a bf16 model: the AVX-512 or, where it measured faster, the AMX one --
+        `native_kernel`) and int8 ones; default: measured here for bf16 weights, 0 where
         they cannot run (`native_unavailable` says why), and 0 for int8, where torch's int8 kernel as
         Inductor compiles it beat them on draft and verify blocks (BENCHMARKS.md) -- an eager timing cannot
         see that; pass a width to use them. 0 turns them off. They form the same products as torch's, summed
@@ -490,6 +493,11 @@ class TriModeLM(nn.Module):
         if native_max_tokens and self.native_unavailable:
             raise ValueError(f"tridlm's own products cannot run here: {self.native_unavailable}; "
                              "pass native_max_tokens=0 (torch's products)")
+        self.native_kernel = "native"
+        if fmt == "float" and not self.native_unavailable:
+            from .kernels import native_kernel
+
+            self.native_kernel = native_kernel(self)
         if native_max_tokens is None:
             from .kernels import native_max_tokens as measured
 
@@ -615,8 +623,8 @@ class TriModeLM(nn.Module):
     def _graph_state(self) -> tuple:
         """What compiled graphs bake in besides the weights' values."""
         return (str(self.device), self.dtype, self.weight_format, self.quant_max_tokens, self.native_max_tokens,
-                self.native_attention_max_tokens, self.draft_adapter is not None, self.fuse_projections,
-                self.batch_invariant)
+                self.native_kernel, self.native_attention_max_tokens, self.draft_adapter is not None,
+                self.fuse_projections, self.batch_invariant)
 
     def _fused_groups(self) -> list[FusedProjections]:
         groups = [self.head]

@@ -56,16 +56,23 @@ def measure_widths(model, fmt: str, widths=WIDTHS, repeats: int = 5,
     """{width: (seconds through `fmt` products, seconds through bf16 ones)} for the base products of a
     few layers (q/k/v, o, gate/up, down) at that many tokens. native: (tridlm.native's products, torch's)
     in `fmt` ("float": bf16 weights), through the model's native_kernel or the one `native` names."""
-    groups = []
-    for layer in model.encoder.layers[:LAYERS_TIMED]:
-        groups += [layer.self_attn.qkv, layer.self_attn.out, layer.mlp.gate_up, layer.mlp.down]
     quant = fmt if fmt in ("int8", "int4") else None
     mine = native if isinstance(native, str) else model.native_kernel if quant is None else True
     paths = ((quant, mine), (quant, False)) if native else ((quant, False), (None, False))
+    return time_paths(model, paths, widths, repeats)
+
+
+def time_paths(model, paths, widths=WIDTHS, repeats: int = 5) -> dict[int, tuple[float, ...]]:
+    """{width: seconds per path} for the base products of LAYERS_TIMED layers at that many tokens, each path
+    a (quant, native) pair as FusedProjections takes them."""
+    groups = []
+    for layer in model.encoder.layers[:LAYERS_TIMED]:
+        groups += [layer.self_attn.qkv, layer.self_attn.out, layer.mlp.gate_up, layer.mlp.down]
     out = {}
     with torch.no_grad():
         for g in groups:
-            g.prepare(quant, native)
+            for quant, native in paths:
+                g.prepare(quant, native)
         for w in widths:
             xs = [torch.randn(1, w, g.members()[0].weight.shape[1], dtype=model.dtype, device=model.device)
                   for g in groups]
@@ -85,18 +92,27 @@ def _widest_win(timings: dict[int, tuple[float, float]]) -> int:
     return best
 
 
-def _measured_range(model, key: str, measure, refresh: bool) -> int:
-    path = cache_file(model, key)
+def _cached(path: Path, read, measure, refresh: bool):
+    """A measurement kept in `path`: read(its JSON) gives the value and raises on anything unusable (another
+    version's file); otherwise, or with refresh, measure() gives (value, the JSON to keep)."""
     if path.exists() and not refresh:
         try:
-            return int(json.loads(path.read_text())["max_tokens"])
-        except (ValueError, KeyError, TypeError):
+            return read(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError, IndexError):
             pass  # unreadable or from another version: measure again
-    timings = measure()
-    best = _widest_win(timings)
-    _store(path, {"max_tokens": best,
-                  "ms": {w: [round(a * 1e3, 3), round(b * 1e3, 3)] for w, (a, b) in timings.items()}})
-    return best
+    value, data = measure()
+    _store(path, data)
+    return value
+
+
+def _measured_range(model, key: str, measure, refresh: bool) -> int:
+    def measured():
+        timings = measure()
+        best = _widest_win(timings)
+        return best, {"max_tokens": best,
+                      "ms": {w: [round(a * 1e3, 3), round(b * 1e3, 3)] for w, (a, b) in timings.items()}}
+
+    return _cached(cache_file(model, key), lambda data: int(data["max_tokens"]), measured, refresh)
 
 
 def _store(path: Path, data: dict) -> None:
@@ -133,20 +149,19 @@ def native_kernel(model, refresh: bool = False) -> str:
     fits = all(native.amx_fits(w.shape[1]) for g in groups for w in g.float_weights())
     if native.amx_unavailable() or not fits:
         return "native"
-    path = cache_file(model, "native-kernel")
-    if path.exists() and not refresh:
-        try:
-            kernel = json.loads(path.read_text())["kernel"]
-            if kernel in ("native", "amx"):
-                return kernel
-        except (ValueError, KeyError, TypeError):
-            pass  # unreadable or from another version: measure again
-    timings = measure_widths(model, "float", NATIVE_KERNEL_WIDTHS, native="amx")
-    avx512 = measure_widths(model, "float", NATIVE_KERNEL_WIDTHS, native="native")
-    amx_s, avx512_s = sum(t[0] for t in timings.values()), sum(t[0] for t in avx512.values())
-    kernel = "amx" if amx_s < avx512_s else "native"
-    _store(path, {"kernel": kernel, "ms": {"amx": round(amx_s * 1e3, 3), "native": round(avx512_s * 1e3, 3)}})
-    return kernel
+
+    def read(data):
+        if data["kernel"] not in ("native", "amx"):
+            raise ValueError(data["kernel"])
+        return data["kernel"]
+
+    def measured():
+        timings = time_paths(model, ((None, "amx"), (None, "native")), NATIVE_KERNEL_WIDTHS)
+        amx_s, avx512_s = (sum(t[i] for t in timings.values()) for i in range(2))
+        kernel = "amx" if amx_s < avx512_s else "native"
+        return kernel, {"kernel": kernel, "ms": {"amx": round(amx_s * 1e3, 3), "native": round(avx512_s * 1e3, 3)}}
+
+    return _cached(cache_file(model, "native-kernel"), read, measured, refresh)
 
 
 def measure_attention(model, widths=WIDTHS, repeats: int = 5, context: int = 192) -> dict[int, tuple[float, float]]:
@@ -248,20 +263,20 @@ def invariant_choices(model, refresh: bool = False) -> dict[tuple[int, int, bool
     batch-invariant products read (FusedProjections.float_weights, groups marked invariant). About 10 s for
     the default model on 2 cores; cached per machine like quant_max_tokens, and with tridlm's kernels'
     source, on which the choice depends."""
-    path = cache_file(model, "native-invariant")
-    if path.exists() and not refresh:
-        try:
-            data = json.loads(path.read_text())
-            if data["widest"] == INVARIANT_WIDEST and all(c[4] in INVARIANT_KERNELS for c in data["choices"]):
-                return {(n, k, fits): (chunk, kernel) for n, k, fits, chunk, kernel in data["choices"]}
-        except (ValueError, KeyError, TypeError):
-            pass  # unreadable or from another version: measure again
-    choices = {}
-    for g in model._fused_groups():
-        fits = g.native_fits()
-        for w in g.float_weights():
-            key = (*w.shape, fits)
-            if key not in choices:
-                choices[key] = invariant_choice(w.detach(), fits)
-    _store(path, {"widest": INVARIANT_WIDEST, "choices": [[*key, *choice] for key, choice in choices.items()]})
-    return choices
+
+    def read(data):
+        if data["widest"] != INVARIANT_WIDEST or any(c[4] not in INVARIANT_KERNELS for c in data["choices"]):
+            raise ValueError("measured for another version")
+        return {(n, k, fits): (chunk, kernel) for n, k, fits, chunk, kernel in data["choices"]}
+
+    def measured():
+        choices = {}
+        for g in model._fused_groups():
+            fits = g.native_fits()
+            for w in g.float_weights():
+                key = (*w.shape, fits)
+                if key not in choices:
+                    choices[key] = invariant_choice(w.detach(), fits)
+        return choices, {"widest": INVARIANT_WIDEST, "choices": [[*key, *choice] for key, choice in choices.items()]}
+
+    return _cached(cache_file(model, "native-invariant"), read, measured, refresh)

@@ -80,6 +80,36 @@ def test_greedy_rows_are_the_same_alone_and_batched_in_every_mode(invariant_mode
 
 
 @needs_native
+def test_batches_stepped_together_give_every_row_its_solo_tokens(invariant_model):
+    """One batch per mode, all stepped in one forward each time (`step_together`, as the server's runner
+    does), the rows joining at different steps: every row gets the tokens it gets alone, bit for bit."""
+    from tridlm.decoding import DecodeBatch, GenerationParams, Row
+    from tridlm.decoding.batch import step_together
+
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(4, 64, (n,), generator=gen).tolist() for n in (3, 11, 6, 17, 9, 5)]
+
+    def row(i, mode):
+        p = GenerationParams(mode=mode, max_new_tokens=14, ignore_eos=True, block_length=4)
+        return Row(prompts[i], p, invariant_model.config)
+
+    with torch.inference_mode():
+        alone = {(i, m): invariant_model.generate([prompts[i]], m, max_new_tokens=14, ignore_eos=True,
+                                                  block_length=4).rows[0].ids for i in range(6) for m in MODES}
+        batches = {m: DecodeBatch(invariant_model) for m in MODES}
+        rows = {}
+        for step in range(200):
+            if step < 6:  # a row of every mode joins at each of the first steps
+                for m in MODES:
+                    rows[(step, m)] = row(step, m)
+                    batches[m].add(rows[(step, m)])
+            if all(b.done for b in batches.values()):
+                break
+            step_together(list(batches.values()))
+    assert {k: r.output for k, r in rows.items()} == alone
+
+
+@needs_native
 def test_a_draft_token_beside_base_tokens_gets_the_bits_of_an_all_draft_forward(invariant_model):
     """In one batch some rows draft (the LoRA drafter on) while others verify (off): each token's products
     are those of a forward in which every token is of its own kind."""

@@ -80,6 +80,42 @@ def test_batch_of_different_lengths_equals_each_row_alone():
     assert cache.lengths.tolist() == [len(r) + 3 for r in rows]
 
 
+def test_forwards_run_as_one_give_what_each_gives_alone():
+    """forward_many: a causal step writing one cache, a padded block pass over another (read-only, drafts,
+    logits at some positions only) and a cache-free forward returning hidden states, as one forward: each
+    gets its own forward's logits (within the error model: the products see more rows) and cache lengths."""
+    from tridlm import lora
+
+    model = random_model(seed=6)
+    lora.attach(model, rank=4, alpha=8)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model).values():
+            p.normal_(0, 0.2)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        caches = [model.new_cache(3, 40), model.new_cache(2, 40)]
+        model(torch.randint(0, 64, (3, 7), generator=g), cache=caches[0])
+        model(torch.randint(0, 64, (2, 12), generator=g), cache=caches[1])
+        valid = torch.ones(2, 5, dtype=torch.bool)
+        valid[1, 3:] = False
+        calls = [dict(input_ids=torch.randint(0, 64, (3, 1), generator=g), cache=caches[0]),
+                 dict(input_ids=torch.randint(0, 64, (2, 5), generator=g), cache=caches[1], pattern="block",
+                      valid=valid, logits_at=torch.tensor([[0, 2], [1, 2]]), draft=True),
+                 dict(input_ids=torch.randint(0, 64, (1, 6), generator=g), return_hidden=True)]
+        copies = [c.clone() for c in caches]
+        alone = [model(**dict(calls[0], cache=copies[0])), model(**dict(calls[1], cache=copies[1])),
+                 model(**calls[2])]
+        together = model.forward_many(calls)
+    for a, t in zip(alone[:2], together[:2], strict=True):
+        assert t.shape == a.shape
+        assert_logits_agree(model, t, a, n_keys=17)
+    assert together[2].shape == alone[2].shape == (1, 6, model.config.hidden_size)
+    assert_logits_agree(model, together[2], alone[2])  # the same error model, scaled by the hidden states
+    assert [c.lengths.tolist() for c in caches] == [c.lengths.tolist() for c in copies] == [[8, 8, 8], [12, 12]]
+    with pytest.raises(RuntimeError, match="inference"):
+        model.forward_many(calls)  # gradients on
+
+
 def test_crop_then_rewrite_matches_fresh_run():
     model = random_model(seed=5)
     ids = torch.randint(0, 64, (1, 12))

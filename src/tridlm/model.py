@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -95,12 +96,21 @@ class Attention(nn.Module):
         self.qkv = FusedProjections(self, ("q_proj", "k_proj", "v_proj"))
         self.out = FusedProjections(self, ("o_proj",))
 
-    def forward(self, x, cos, sin, q_scale, layer: int, ctx: _AttnContext) -> torch.Tensor:
-        B, T, _ = x.shape
+    def forward(self, x, cos, sin, q_scale, layer: int, ctx: _AttnContext | _JointContext) -> torch.Tensor:
         q, k, v = self.qkv(x, ctx.quant, ctx.native) if ctx.fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if isinstance(ctx, _JointContext):  # x is every part's tokens, [1, N, H]: attention part by part
+            out = torch.cat([self.attend(q[:, p.span], k[:, p.span], v[:, p.span], p, layer).view(1, p.span_len, -1)
+                             for p in ctx.parts], dim=1)
+        else:
+            out = self.attend(q, k, v, _Part(x.shape[0], x.shape[1], cos, sin, q_scale, ctx), layer)
+        return self.out(out, ctx.quant, ctx.native)[0] if ctx.fused else self.o_proj(out)
+
+    def attend(self, q, k, v, part: _Part, layer: int) -> torch.Tensor:
+        """Rotary embedding and attention for one part's projections ([B, T, *] in, [B, T, heads x dim] out)."""
+        B, T, cos, sin, q_scale, ctx = part.B, part.T, part.cos, part.sin, part.q_scale, part.ctx
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if q_scale is not None:  # Llama-4 scaling, applied after RoPE
@@ -113,8 +123,7 @@ class Attention(nn.Module):
             keys, values = ctx.keys_values(layer, k, v)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask,
                                                  enable_gqa=self.n_kv != self.n_heads)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.out(out, ctx.quant, ctx.native)[0] if ctx.fused else self.o_proj(out)
+        return out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -233,6 +242,35 @@ class _AttnContext:
                 torch.cat([c.v[layer, :, :, :n_prefix], v], dim=2))
 
 
+@dataclass
+class _Part:
+    """One forward's share of a joint forward (`TriModeLM.forward_many`): its rows and tokens, rotary
+    tables, attention context, and where its tokens lie among all of them (`span`)."""
+
+    B: int
+    T: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_scale: torch.Tensor | None
+    ctx: _AttnContext
+    span: slice | None = None  # set in a joint forward
+    logits_at: torch.Tensor | None = None
+    return_hidden: bool = False
+    advance: torch.Tensor | int | None = None  # what the cache's lengths move on by after the layers
+
+    @property
+    def span_len(self) -> int:
+        return self.B * self.T
+
+
+class _JointContext:
+    """What the layers of a joint forward share: the product settings (chosen for all N tokens, as one
+    forward of that width would) and the parts, each attending over its own cache."""
+
+    def __init__(self, parts: list[_Part], fused: bool, quant: str | None, native):
+        self.parts, self.fused, self.quant, self.native = parts, fused, quant, native
+
+
 class TriModeLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -313,18 +351,10 @@ class TriModeLM(nn.Module):
         draft: which tokens are drafts, for a LoRA drafter (tridlm.lora): bool or [B, T] bool.
             Default: every token of a "block" forward, the noisy half of a "dual" one, none otherwise.
         """
+        args = self._inputs(input_ids, positions, cache, pattern, write_cache, block_size, valid, logits_at,
+                            return_hidden, draft)
         B, T = input_ids.shape
-        dev = input_ids.device
-        if positions is None:
-            start = cache.lengths[:, None] if cache is not None else 0
-            positions = start + torch.arange(T, device=dev)[None, :].expand(B, T)
-        if write_cache is None:
-            write_cache = isinstance(pattern, str) and pattern == "causal"
-        if pattern == "dual" and cache is not None:
-            raise ValueError("the dual (training) pattern does not use a KV cache")
-        # which tokens are drafts, decided here (it may read tensor values: not inside a compiled graph)
-        gate = self._draft_gate_value(draft, pattern, B, T, self.dtype, dev) if self._draft_gate is not None else None
-        args = (input_ids, positions, cache, pattern, write_cache, block_size, valid, logits_at, return_hidden, gate)
+        write_cache = args[4]
         if self._compiled is not None and cache is not None and T in self._compiled_tokens and B == 1 \
                 and not torch.is_grad_enabled():
             if self._graph_state() != self._compiled_for:
@@ -347,22 +377,61 @@ class TriModeLM(nn.Module):
     def _forward_static(self, *args):
         return self._forward(*args, static=True)
 
-    def _forward(self, input_ids, positions, cache, pattern, write_cache, block_size, valid, logits_at, return_hidden,
-                 gate, static: bool = False):
+    def _inputs(self, input_ids, positions=None, cache=None, pattern="causal", write_cache=None, block_size=None,
+                valid=None, logits_at=None, return_hidden=False, draft=None) -> tuple:
+        """`forward`'s arguments with its defaults filled in, and the draft gate in place of `draft`."""
         B, T = input_ids.shape
         dev = input_ids.device
-        x = self.encoder.embed_tokens(input_ids)
+        if positions is None:
+            start = cache.lengths[:, None] if cache is not None else 0
+            positions = start + torch.arange(T, device=dev)[None, :].expand(B, T)
+        if write_cache is None:
+            write_cache = isinstance(pattern, str) and pattern == "causal"
+        if pattern == "dual" and cache is not None:
+            raise ValueError("the dual (training) pattern does not use a KV cache")
+        # which tokens are drafts, decided here (it may read tensor values: not inside a compiled graph)
+        gate = self._draft_gate_value(draft, pattern, B, T, self.dtype, dev) if self._draft_gate is not None else None
+        return input_ids, positions, cache, pattern, write_cache, block_size, valid, logits_at, return_hidden, gate
+
+    def _products(self, n_tokens: int) -> tuple[bool, str | None, str | bool]:
+        """How a forward of n tokens runs its products: fused (tridlm.fusion: at inference, not when gradients
+        flow), weight-only quantized ("int8" / "int4" / None), and through which of tridlm.native's kernels
+        ("native" / "amx" / False). set_weight_format keeps the ranges inside the forwards it measured; a later
+        .to(dtype) leaves torch's products."""
+        fused = self.fuse_projections and not torch.is_grad_enabled()
+        quant = self.weight_format if (fused and self.weight_format in fusion.QUANTIZED
+                                       and n_tokens <= self.quant_max_tokens) else None
+        native = fused and n_tokens <= self.native_max_tokens and self.dtype == torch.bfloat16 and self.native_kernel
+        return fused, quant, native
+
+    def _part(self, x, positions, pattern, block_size, cache, write, valid, static=False) -> _Part:
+        """A forward's rotary tables and attention context; x is its embedded tokens [B, T, H]."""
+        B, T = x.shape[:2]
         cos, sin, q_scale = self._rope(positions, x.dtype)
-        ctx = self._attention_context(B, T, pattern, block_size, cache, write_cache, valid, dev, static)
-        ctx.fused = self.fuse_projections and not torch.is_grad_enabled()
-        if ctx.fused and self.weight_format in fusion.QUANTIZED and B * T <= self.quant_max_tokens:
-            ctx.quant = self.weight_format
-        # set_weight_format keeps the range inside the bf16 / int8 forwards it was measured for; a later
-        # .to(dtype) leaves torch's products
-        ctx.native = (ctx.fused and B * T <= self.native_max_tokens and self.dtype == torch.bfloat16
-                      and self.native_kernel)
-        ctx.native_attention = (ctx.fused and cache is not None and B * T <= self.native_attention_max_tokens
-                                and self.dtype == torch.bfloat16)
+        ctx = self._attention_context(B, T, pattern, block_size, cache, write, valid, x.device, static)
+        ctx.native_attention = (self.fuse_projections and not torch.is_grad_enabled() and cache is not None
+                                and B * T <= self.native_attention_max_tokens and self.dtype == torch.bfloat16)
+        advance = (valid.sum(1) if valid is not None else T) if cache is not None and write and not static else None
+        return _Part(B, T, cos, sin, q_scale, ctx, advance=advance)
+
+    def _forward(self, input_ids, positions, cache, pattern, write_cache, block_size, valid, logits_at, return_hidden,
+                 gate, static: bool = False):
+        x = self.encoder.embed_tokens(input_ids)
+        part = self._part(x, positions, pattern, block_size, cache, write_cache, valid, static)
+        ctx = part.ctx
+        ctx.fused, ctx.quant, ctx.native = self._products(x.shape[0] * x.shape[1])
+        x = self._layers(x, part.cos, part.sin, part.q_scale, ctx, gate)
+        if part.advance is not None:
+            cache.advance(part.advance)
+        x = self.encoder.norm(x)
+        if logits_at is not None:
+            x = torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
+        out = x if return_hidden else self.head(x, ctx.quant, ctx.native)[0] if ctx.fused else self.diffusion_head(x)
+        if ctx.static:  # the new keys/values, [layers, B, H, T, D], for the caller to store
+            return out, torch.stack([k for k, _ in ctx.new_kv]), torch.stack([v for _, v in ctx.new_kv])
+        return out
+
+    def _layers(self, x, cos, sin, q_scale, ctx, gate):
         if self._draft_gate is not None:
             self._draft_gate.value = gate
         try:
@@ -371,15 +440,61 @@ class TriModeLM(nn.Module):
         finally:
             if self._draft_gate is not None:
                 self._draft_gate.value = None
-        if cache is not None and write_cache and not ctx.static:
-            cache.advance(valid.sum(1) if valid is not None else T)
+        return x
+
+    def forward_many(self, calls: list[dict]) -> list[torch.Tensor]:
+        """Several forwards as one: for each call (a dict of `forward`'s arguments) what `forward(**call)`
+        returns, with the tokens of all of them through the same products -- one pass over the weights and
+        one set of per-layer ops, norms, MLP and head for all -- and each call's rows attending over its own
+        cache with its own pattern. Batches of different widths step together this way
+        (`tridlm.decoding.step_together`) instead of padding narrow rows to the widest. Inference only,
+        eager (compiled graphs serve single forwards). A row's result is the one it gets alone as far as the
+        products are row-invariant (`set_batch_invariant`); otherwise it differs as in any wider forward."""
+        if len(calls) == 1:
+            return [self(**calls[0])]
+        if torch.is_grad_enabled():
+            raise RuntimeError("forward_many is for inference: call it under torch.no_grad() or "
+                               "torch.inference_mode()")
+        parts, xs, gates, start = [], [], [], 0
+        for call in calls:
+            ids, positions, cache, pattern, write, block_size, valid, logits_at, hidden, gate = self._inputs(**call)
+            x = self.encoder.embed_tokens(ids)
+            p = self._part(x, positions, pattern, block_size, cache, write, valid)
+            p.span, p.logits_at, p.return_hidden = slice(start, start + p.span_len), logits_at, hidden
+            start += p.span_len
+            parts.append(p)
+            xs.append(x.reshape(1, p.span_len, -1))
+            gates.append(gate)
+        ctx = _JointContext(parts, *self._products(start))
+        x = self._layers(torch.cat(xs, dim=1), None, None, None, ctx, self._joint_gate(parts, gates))
+        for p in parts:
+            if p.advance is not None:
+                p.ctx.cache.advance(p.advance)
         x = self.encoder.norm(x)
-        if logits_at is not None:
-            x = torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
-        out = x if return_hidden else self.head(x, ctx.quant, ctx.native)[0] if ctx.fused else self.diffusion_head(x)
-        if ctx.static:  # the new keys/values, [layers, B, H, T, D], for the caller to store
-            return out, torch.stack([k for k, _ in ctx.new_kv]), torch.stack([v for _, v in ctx.new_kv])
-        return out
+        picked = []  # each part's positions that get logits (or hidden states), [B, K, H]
+        for p in parts:
+            h = x[:, p.span].reshape(p.B, p.T, -1)
+            if p.logits_at is not None:
+                h = torch.gather(h, 1, p.logits_at[..., None].expand(-1, -1, h.shape[-1]))
+            picked.append(h)
+        heads = [h for h, p in zip(picked, parts, strict=True) if not p.return_hidden]
+        if heads:  # one head product for every part that wants logits
+            flat = torch.cat([h.reshape(1, -1, h.shape[-1]) for h in heads], dim=1)
+            logits = (self.head(flat, ctx.quant, ctx.native)[0] if ctx.fused else self.diffusion_head(flat))[0]
+            logits = iter(logits.split([h.shape[0] * h.shape[1] for h in heads]))
+        return [h if p.return_hidden else next(logits).view(h.shape[0], h.shape[1], -1)
+                for h, p in zip(picked, parts, strict=True)]
+
+    def _joint_gate(self, parts: list[_Part], gates: list) -> torch.Tensor | str | None:
+        """The parts' draft gates (None, "all" or [B, T, 1]) as one over all their tokens: [1, N, 1], "all" or None."""
+        if all(g is None for g in gates):
+            return None
+        if all(isinstance(g, str) for g in gates):
+            return "all"
+        flat = [g.reshape(-1) if isinstance(g, torch.Tensor) else
+                torch.full((p.span_len,), float(g == "all"), dtype=self.dtype, device=self.device)
+                for g, p in zip(gates, parts, strict=True)]
+        return torch.cat(flat)[None, :, None]
 
     @staticmethod
     def _draft_gate_value(draft, pattern, B, T, dtype, device):

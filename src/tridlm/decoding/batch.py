@@ -4,9 +4,12 @@
 (per-row positions, per-row attention patterns, padding marked by `valid`, only the requested
 logits computed), then hands each row its logits and applies the cache entries it keeps. Rows may
 join (`add`) and leave (`remove`; finished rows leave by themselves) between steps.
+`step_together(batches)` steps several batches in one forward, each padded only to its own widest row.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -72,13 +75,21 @@ class DecodeBatch:
     # -- one step ------------------------------------------------------------------------------------
     def step(self) -> list[Row]:
         """One forward for every live row; returns the rows stepped (finished ones have left)."""
+        done = step_together([self])[0]
+        return done.rows if done is not None else []
+
+    def prepare(self) -> BatchStep | None:
+        """Plan this step: every live row's part, padded into one call of the model's forward."""
         rows = list(self.rows)
         if not rows:
-            return []
+            return None
         plans = [r.mode.plan(r) for r in rows]
-        logits = self._forward(plans)
-        cache = self.cache
-        for i, (r, p, lg) in enumerate(zip(rows, plans, logits, strict=True)):
+        return BatchStep(self, rows, plans, self._call(plans))
+
+    def finish(self, step: BatchStep, out: torch.Tensor) -> list[Row]:
+        """Hand each row its logits from the forward's output and keep the cache entries it keeps."""
+        rows, plans = step.rows, step.plans
+        for i, (r, p, lg) in enumerate(zip(rows, plans, self._logits(plans, out), strict=True)):
             base = r.cached
             keep = r.mode.consume(r, p, lg)
             if p.prefill:
@@ -92,9 +103,9 @@ class DecodeBatch:
             elif isinstance(keep, int):
                 r.cached = base + keep
             else:  # compaction: the kept entries move to the front of what this forward wrote
-                cache.keep(i, base, base + keep.to(cache.lengths.device))
+                self.cache.keep(i, base, base + keep.to(self.cache.lengths.device))
                 r.cached = base + keep.numel()
-        cache.crop(torch.tensor([r.cached for r in rows], device=cache.lengths.device))
+        self.cache.crop(torch.tensor([r.cached for r in rows], device=self.cache.lengths.device))
         if all(p.prefill for p in plans):
             self.prefill_forwards += 1
         else:
@@ -102,7 +113,8 @@ class DecodeBatch:
         self.remove(*[r for r in rows if r.finished])
         return rows
 
-    def _forward(self, plans: list[Plan]) -> list[torch.Tensor]:
+    def _call(self, plans: list[Plan]) -> dict:
+        """The model forward's arguments for these plans, padded to the widest."""
         dev = self.model.device
         B = len(plans)
         sizes = [p.size for p in plans]
@@ -127,15 +139,45 @@ class DecodeBatch:
         write = any(p.write for p in plans)
         if write:  # padding makes every row write T slots: a row near its end may need more than it asked for
             self._resize(B, int(self.cache.lengths.max()) + T)
-        lazy = any(p.lazy_logits for p in plans)
-        out = self.model(ids, positions=pos, cache=self.cache, pattern=pattern, write_cache=write,
-                         valid=None if bool(valid.all()) else valid, logits_at=at, draft=draft,
-                         return_hidden=lazy)
+        return dict(input_ids=ids, positions=pos, cache=self.cache, pattern=pattern, write_cache=write,
+                    valid=None if bool(valid.all()) else valid, logits_at=at, draft=draft,
+                    return_hidden=any(p.lazy_logits for p in plans))
+
+    def _logits(self, plans: list[Plan], out: torch.Tensor) -> list:
         rows = [out[i, :p.logits_at.numel()] for i, p in enumerate(plans)]
-        if not lazy:
+        if not any(p.lazy_logits for p in plans):
             return rows
         head = self.model.diffusion_head
         return [LazyLogits(h, head) if p.lazy_logits else head(h) for h, p in zip(rows, plans, strict=True)]
+
+
+@dataclass
+class BatchStep:
+    """A batch's share of one step: its rows, their plans, and its call of the model's forward."""
+
+    batch: DecodeBatch
+    rows: list[Row]
+    plans: list[Plan]
+    call: dict
+
+    @property
+    def tokens(self) -> int:
+        """The tokens its forward computes, padding included."""
+        return self.call["input_ids"].numel()
+
+
+def step_together(batches: list[DecodeBatch]) -> list[BatchStep | None]:
+    """One step of every batch in one forward (`TriModeLM.forward_many`): the batches' tokens share the
+    products, each batch's rows attend over its own cache, so batches of different widths move on
+    together without padding the narrow rows to the widest. Returns each batch's step (its rows, their
+    plans, its tokens), None for a batch that had no rows."""
+    steps = [b.prepare() for b in batches]
+    live = [s for s in steps if s is not None]
+    if live:
+        outs = live[0].batch.model.forward_many([s.call for s in live])
+        for s, out in zip(live, outs, strict=True):
+            s.batch.finish(s, out)
+    return steps
 
 
 class LazyLogits:

@@ -1,6 +1,6 @@
 """The serving engine: many requests, any modes, decoded together by one worker thread.
 
-One thread owns the model and its `DecodeBatch`es (one per forward width, stepped in turn). Between
+One thread owns the model and its `DecodeBatch`es (one per forward width, sharing forwards). Between
 two steps it drops cancelled requests
 (freeing their cache rows) and admits waiting ones, so requests join and leave continuously; each
 row computes what it would alone (the batch contract), so a request's greedy output does not depend

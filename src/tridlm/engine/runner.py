@@ -1,19 +1,21 @@
-"""The worker thread's hands: the `DecodeBatch`es over the model, stepped in turn while they hold rows.
+"""The worker thread's hands: the `DecodeBatch`es over the model, stepped while they hold rows.
 
 Rows are batched with rows of the same forward width (a power-of-two class of `forward_width`: AR
 rows together, blocks of 8 together, ...), because a batch pads every row to its widest plan: one
-spec-quadratic row beside fifteen AR rows would make each of them compute a thousand tokens. The
-batches take turns so that every row is slowed down alike: each forward moves each of its rows on by
-what that forward costs one row alone (measured whenever the batch holds one row; until then, the
-row's share of the forward's time), and the next forward goes to the batch whose rows have moved on
-least (a batch that was idle starts level with the others). A 10 ms AR step is then not rationed to
-one per second-long spec-quadratic step, and a batch of wide, compute-bound rows is not left with a
-small part of the forwards for being costly. Prompts prefill in chunks of `prefill_chunk` tokens
-so that no single forward holds the others up for long.
+spec-quadratic row beside fifteen AR rows would make each of them compute a thousand tokens. Batches
+of different widths still share forwards (`step_together`: one pass over the weights for all their
+tokens, attention batch by batch), as far as that slows every row down alike: each forward moves each
+of its rows on by what that forward costs one row alone (measured whenever the batch holds one row;
+until then, the row's share of the forward's time), the batch whose rows have moved on least leads
+the next forward (a batch that was idle starts level with the others), and every batch the forward
+would not carry past the leader joins it. AR rows and diffusion blocks then step together every time,
+while a 10 ms AR step is not held to one per second-long spec-quadratic step: that batch joins one AR
+forward in a hundred. Prompts prefill in chunks of `prefill_chunk` tokens so that no single forward
+holds the others up for long.
 
 Admitted requests' rows join between steps; after each step what every row made final goes out as
 its request's events, and a request whose rows have all finished is handed back to the scheduler. A
-failing step fails only the requests in that batch; the next ones get a fresh batch.
+failing step fails only the requests in its batches; the next ones get fresh batches.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import time
 
 from ..decoding import DecodeBatch
+from ..decoding.batch import step_together
 from ..decoding.params import forward_width
 from .request import AUTO, Delta, Finished, Request
 from .scheduler import Scheduler
@@ -38,14 +41,17 @@ def width_class(req: Request) -> int:
 class Runner:
     """Owns the batches; only the engine's worker thread calls it."""
 
-    def __init__(self, model, scheduler: Scheduler, prefill_chunk: int | None = None, clock=time.perf_counter):
+    def __init__(self, model, scheduler: Scheduler, prefill_chunk: int | None = None, clock=time.perf_counter,
+                 step_batches=step_together):
         self.model = model
         self.clock = clock  # what forward time is measured with
+        self.step_batches = step_batches  # batches -> their steps (`.tokens`), in one forward
         self.scheduler = scheduler
         self.prefill_chunk = prefill_chunk
         self.batches: dict[int, DecodeBatch] = {}  # width class -> its batch
         self.busy: dict[int, float] = {}  # width class -> its rows' progress while it held rows, in solo seconds
         self.solo: dict[int, float] = {}  # width class -> seconds of a one-row decode forward (running mean)
+        self.pace: dict[int, float] = {}  # width class -> how far its last forward moved each of its rows on
         self.auto_block: int | None = None  # what block_length="auto" resolved to, once it was needed
 
     # -- what the scheduler reads and asks -----------------------------------------------------------------
@@ -92,34 +98,49 @@ class Runner:
         return self.auto_block
 
     def step(self) -> None:
-        """One forward for the next batch in turn, then deliver what it made final."""
+        """One forward for the batches whose turn it is (`participants`), then deliver what it made final."""
         live = [k for k in sorted(self.batches) if not self.batches[k].done]
         if not live:
             return
-        key = self.next_batch(live)
-        batch = self.batches[key]
-        rows, members = len(batch.rows), {id(r) for r in batch.rows}
-        decoding = all(r.prefilled for r in batch.rows)  # no prompt chunk in this forward
-        alone = batch.rows[0] if rows == 1 and decoding else None
+        keys = self.participants(live)
+        batches = [self.batches[k] for k in keys]
+        sizes = [len(b.rows) for b in batches]
+        members = {id(r) for b in batches for r in b.rows}
+        decoding = all(r.prefilled for b in batches for r in b.rows)  # no prompt chunk in this forward
+        alone = batches[0].rows[0] if sizes == [1] and decoding else None
         made = alone.metrics.generated_tokens if alone is not None else 0
         t0 = self.clock()
         try:
-            batch.step()
-        except Exception as e:  # one bad step must not take the server down: fail that batch, go on
+            steps = self.step_batches(batches)
+        except Exception as e:  # one bad step must not take the server down: fail its batches, go on
             log.exception("decoding step failed")
             self.scheduler.fail_running(f"decoding failed: {e}", lambda req: any(id(r) in members for r in req.rows))
-            self.batches[key] = DecodeBatch(self.model)
+            for k in keys:
+                self.batches[k] = DecodeBatch(self.model)
             return
         took = self.clock() - t0
         if alone is not None:  # what a forward of this width costs one row alone, and its mode's speed alone
-            solo = self.solo.get(key)
-            self.solo[key] = took if solo is None else solo + 0.25 * (took - solo)
+            solo = self.solo.get(keys[0])
+            self.solo[keys[0]] = took if solo is None else solo + 0.25 * (took - solo)
             self.scheduler.count_solo(alone.params.mode, took, alone.metrics.generated_tokens - made)
-        # each row moved one forward on, worth what that forward costs alone (unknown yet: its share of the time)
-        self.busy[key] += self.solo.get(key, took / rows)
-        self.scheduler.count_forward(rows)
+        # each row moved one forward on, worth what that forward costs alone (unknown yet: its share of the
+        # forward's time, by the tokens its batch put in)
+        tokens = [s.tokens for s in steps]
+        for k, n, rows in zip(keys, tokens, sizes, strict=True):
+            self.pace[k] = self.solo.get(k, took * n / max(1, sum(tokens)) / rows)
+            self.busy[k] += self.pace[k]
+        self.scheduler.count_forward(sum(sizes))
         for req in list(self.scheduler.running):
             self.deliver(req)
+
+    def participants(self, live: list[int]) -> list[int]:
+        """The batches that step together this time: the one whose rows have moved on least, and every other
+        that the step would not carry past it (its rows have moved on no further than the lead's will have).
+        Batches of like cost then share every forward; one whose forwards cost a hundred times another's
+        joins one forward in a hundred of the other's, so the cheap rows are not held to its pace."""
+        lead = self.next_batch(live)
+        reach = self.busy[lead] + self.pace.get(lead, 0.0)
+        return [k for k in live if k == lead or self.busy[k] <= reach]
 
     def next_batch(self, live: list[int]) -> int:
         """The live batch whose rows have moved on least; one that had no rows is brought level with the

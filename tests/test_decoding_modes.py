@@ -232,6 +232,29 @@ def test_rows_of_mixed_modes_join_and_leave_between_steps(small_vocab):
     assert all(r.finished for r in rows) and batch.cache is None
 
 
+def test_a_joining_prompt_prefills_in_a_call_of_its_own(small_vocab):
+    """Rows decoding one token each, then a row with a long prompt joins: the step makes two calls (the
+    decoding rows at width 1, the new row's prompt at its own width) instead of padding every row to the
+    prompt, and each row's cache moves on by what it wrote."""
+    from tridlm.decoding.batch import step_together
+
+    m = small_vocab
+    params = GenerationParams(mode="ar", max_new_tokens=8, ignore_eos=True)
+    old = [Row(p, params, m.config) for p in prompts(3, 12, seed=5)]
+    new = Row(prompts(1, 12, seed=6)[0] * 4 + [3], params, m.config)
+    batch = DecodeBatch(m, old)
+    with torch.inference_mode():
+        batch.step()  # the prefill of the first rows
+        batch.step()  # their first decode step
+        before = [r.cached for r in old]
+        batch.add(new)
+        step = step_together([batch])[0]
+    assert step.spans == [(0, 3), (3, 4)]
+    assert step.tokens == 3 + len(new.prompt) - 1
+    assert [r.cached for r in old] == [c + 1 for c in before] and new.cached == len(new.prompt) - 1
+    assert batch.cache.lengths.tolist() == [r.cached for r in batch.rows]
+
+
 def test_cancelled_row_leaves_others_unchanged(small_vocab):
     m = small_vocab
     ps = prompts(3, 12, seed=5)

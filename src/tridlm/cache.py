@@ -97,6 +97,14 @@ class KVCache:
         self.v = self.v[:, rows].contiguous()
         self.lengths = self.lengths[rows].clone()
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows [start, stop) as a cache of their own over this one's storage: what a forward writes through
+        it, and the lengths it advances, land in this cache."""
+        c = object.__new__(KVCache)
+        c.k, c.v, c.lengths, c.max_len = self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop], \
+            self.max_len
+        return c
+
     def clone(self) -> KVCache:
         c = object.__new__(KVCache)
         c.k, c.v, c.lengths, c.max_len = self.k.clone(), self.v.clone(), self.lengths.clone(), self.max_len

@@ -79,17 +79,28 @@ class DecodeBatch:
         return done.rows if done is not None else []
 
     def prepare(self) -> BatchStep | None:
-        """Plan this step: every live row's part, padded into one call of the model's forward."""
+        """Plan this step: every live row's part, padded into calls of the model's forward -- one, or two
+        when the rows still prefilling (new rows join at the end) follow rows that decode: a prompt chunk
+        is then not a width every decoding row is padded to."""
         rows = list(self.rows)
         if not rows:
             return None
         plans = [r.mode.plan(r) for r in rows]
-        return BatchStep(self, rows, plans, self._call(plans))
+        first = next((i for i, p in enumerate(plans) if p.prefill), len(plans))
+        split = 0 < first < len(plans) and all(p.prefill for p in plans[first:])
+        spans = [(0, first), (first, len(plans))] if split else [(0, len(plans))]
+        writing = [max(p.size for p in plans[a:b]) for a, b in spans if any(p.write for p in plans[a:b])]
+        if writing:  # padding makes every row write T slots: a row near its end may need more than it asked for
+            self._resize(len(rows), int(self.cache.lengths.max()) + max(writing))
+        calls = [self._call(plans[a:b], self.cache if not split else self.cache.rows(a, b)) for a, b in spans]
+        return BatchStep(self, rows, plans, spans, calls)
 
-    def finish(self, step: BatchStep, out: torch.Tensor) -> list[Row]:
-        """Hand each row its logits from the forward's output and keep the cache entries it keeps."""
+    def finish(self, step: BatchStep, outs: list[torch.Tensor]) -> list[Row]:
+        """Hand each row its logits from the outputs of the step's calls and keep the cache entries it keeps."""
         rows, plans = step.rows, step.plans
-        for i, (r, p, lg) in enumerate(zip(rows, plans, self._logits(plans, out), strict=True)):
+        logits = [lg for (a, b), call, out in zip(step.spans, step.calls, outs, strict=True)
+                  for lg in self._logits(plans[a:b], out, call["return_hidden"])]
+        for i, (r, p, lg) in enumerate(zip(rows, plans, logits, strict=True)):
             base = r.cached
             keep = r.mode.consume(r, p, lg)
             if p.prefill:
@@ -113,8 +124,8 @@ class DecodeBatch:
         self.remove(*[r for r in rows if r.finished])
         return rows
 
-    def _call(self, plans: list[Plan]) -> dict:
-        """The model forward's arguments for these plans, padded to the widest."""
+    def _call(self, plans: list[Plan], cache: KVCache) -> dict:
+        """The model forward's arguments for these plans (rows of `cache`), padded to the widest."""
         dev = self.model.device
         B = len(plans)
         sizes = [p.size for p in plans]
@@ -136,16 +147,14 @@ class DecodeBatch:
             pattern = torch.zeros(B, T, T, dtype=torch.bool, device=dev)
             for i, p in enumerate(plans):
                 pattern[i, :sizes[i], :sizes[i]] = new_token_mask(p.pattern, sizes[i], device=dev)
-        write = any(p.write for p in plans)
-        if write:  # padding makes every row write T slots: a row near its end may need more than it asked for
-            self._resize(B, int(self.cache.lengths.max()) + T)
-        return dict(input_ids=ids, positions=pos, cache=self.cache, pattern=pattern, write_cache=write,
+        return dict(input_ids=ids, positions=pos, cache=cache, pattern=pattern, write_cache=any(p.write for p in plans),
                     valid=None if bool(valid.all()) else valid, logits_at=at, draft=draft,
                     return_hidden=any(p.lazy_logits for p in plans))
 
-    def _logits(self, plans: list[Plan], out: torch.Tensor) -> list:
+    def _logits(self, plans: list[Plan], out: torch.Tensor, hidden: bool) -> list:
+        """Each row's logits from a call's output (final hidden states where `hidden`: the head runs here)."""
         rows = [out[i, :p.logits_at.numel()] for i, p in enumerate(plans)]
-        if not any(p.lazy_logits for p in plans):
+        if not hidden:
             return rows
         head = self.model.diffusion_head
         return [LazyLogits(h, head) if p.lazy_logits else head(h) for h, p in zip(rows, plans, strict=True)]
@@ -153,17 +162,19 @@ class DecodeBatch:
 
 @dataclass
 class BatchStep:
-    """A batch's share of one step: its rows, their plans, and its call of the model's forward."""
+    """A batch's share of one step: its rows, their plans, and its calls of the model's forward (`calls[j]`
+    for rows `spans[j]`)."""
 
     batch: DecodeBatch
     rows: list[Row]
     plans: list[Plan]
-    call: dict
+    spans: list[tuple[int, int]]
+    calls: list[dict]
 
     @property
     def tokens(self) -> int:
         """The tokens its forward computes, padding included."""
-        return self.call["input_ids"].numel()
+        return sum(c["input_ids"].numel() for c in self.calls)
 
 
 def step_together(batches: list[DecodeBatch]) -> list[BatchStep | None]:
@@ -174,9 +185,9 @@ def step_together(batches: list[DecodeBatch]) -> list[BatchStep | None]:
     steps = [b.prepare() for b in batches]
     live = [s for s in steps if s is not None]
     if live:
-        outs = live[0].batch.model.forward_many([s.call for s in live])
-        for s, out in zip(live, outs, strict=True):
-            s.batch.finish(s, out)
+        outs = iter(live[0].batch.model.forward_many([c for s in live for c in s.calls]))
+        for s in live:
+            s.batch.finish(s, [next(outs) for _ in s.calls])
     return steps
 
 

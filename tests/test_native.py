@@ -301,3 +301,40 @@ def test_the_native_attention_range_is_measured_against_torchs():
 
     got = kernels.measure_attention(attention_model(5, False), widths=(1, 8), repeats=1, context=20)
     assert sorted(got) == [1, 8] and all(a > 0 and b > 0 for a, b in got.values())
+
+
+@needs_native
+def test_the_norm_kernel_is_torchs_formula_to_rounding_and_row_invariant():
+    """tridlm's one-pass RMSNorm against the model's torch formula: the same roundings but its own order for
+    the sum of squares, whose fp32 error (a few units in 10^7) can move the normalized value across a bf16
+    rounding boundary, so an output may differ by that one bf16 step times the weight (two steps of the
+    output at most); each row is the same normalized alone or among others, at any width, odd sizes too."""
+    from tridlm.model import RMSNorm
+
+    gen = torch.Generator().manual_seed(8)
+    for hidden in (576, 100):
+        norm = RMSNorm(hidden, 1e-5).bfloat16()
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(hidden, generator=gen) * 2)
+        x = (torch.randn(300, hidden, generator=gen) * 5).bfloat16()
+        with torch.inference_mode():
+            got, ref = torch.ops.tridlm.rms_norm_bf16(x, norm.weight, norm.eps), norm.torch_forward(x)
+            step = 2.0 ** (torch.floor(torch.log2(ref.float().abs().clamp_min(1e-30))) - 7)  # one bf16 step of ref
+            assert bool(((got.float() - ref.float()).abs() <= 2 * step).all())
+            for rows in (1, 7, 64):
+                assert torch.equal(torch.ops.tridlm.rms_norm_bf16(x[:rows], norm.weight, norm.eps), got[:rows])
+            assert torch.equal(torch.ops.tridlm.rms_norm_bf16(x[5:6], norm.weight, norm.eps)[0], got[5])
+            assert torch.equal(torch.ops.tridlm.rms_norm_bf16(x.view(3, 100, hidden), norm.weight, norm.eps),
+                               got.view(3, 100, hidden))
+
+
+def test_norms_take_the_kernel_only_where_it_runs(monkeypatch):
+    from tridlm.model import RMSNorm
+
+    fp32 = random_model(4).set_weight_format("float")
+    assert not any(m.native for m in fp32.modules() if isinstance(m, RMSNorm))
+    monkeypatch.setattr(native, "unavailable", lambda: "turned off by TRIDLM_NATIVE=0")
+    bf16 = random_model(4).to(torch.bfloat16).set_weight_format("float")
+    assert not any(m.native for m in bf16.modules() if isinstance(m, RMSNorm))
+    with torch.no_grad():
+        bf16(torch.randint(4, 64, (1, 5)))  # torch's formula

@@ -18,6 +18,7 @@ import hashlib
 import json
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -162,6 +163,38 @@ def native_kernel(model, refresh: bool = False) -> str:
         return kernel, {"kernel": kernel, "ms": {"amx": round(amx_s * 1e3, 3), "native": round(avx512_s * 1e3, 3)}}
 
     return _cached(cache_file(model, "native-kernel"), read, measured, refresh)
+
+
+NORM_WIDTHS = (1, 128)  # a decoding step's rows, a wide step's or a prefill chunk's
+
+
+def native_norm(model, refresh: bool = False) -> bool:
+    """Whether the model's RMSNorms take tridlm's one-pass kernel (tridlm.native's rms_norm_bf16) on this
+    machine: where it runs and took less time than torch's formula at every one of NORM_WIDTHS rows.
+    Cached per machine like the other choices."""
+    from .native import unavailable
+
+    if unavailable() or model.dtype != torch.bfloat16 or model.device.type != "cpu":
+        return False
+
+    def measured():
+        norm = model.encoder.norm
+
+        def own(x):
+            return torch.ops.tridlm.rms_norm_bf16(x, norm.weight, norm.eps)
+
+        def torchs(x):
+            return norm.torch_forward(x)
+
+        ms = {}
+        with torch.inference_mode():
+            for rows in NORM_WIDTHS:
+                x = torch.randn(rows, model.config.hidden_size, dtype=torch.bfloat16)
+                ms[rows] = [round(median_seconds(partial(f, x), 50) * 1e3, 4) for f in (own, torchs)]
+        on = all(own < theirs for own, theirs in ms.values())
+        return on, {"native": on, "ms": ms}
+
+    return _cached(cache_file(model, "native-norm"), lambda data: bool(data["native"]), measured, refresh)
 
 
 def measure_attention(model, widths=WIDTHS, repeats: int = 5, context: int = 192) -> dict[int, tuple[float, float]]:

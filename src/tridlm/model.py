@@ -77,8 +77,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.native = False  # tridlm.native's one-pass kernel at bf16 inference (TriModeLM.set_weight_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+            return torch.ops.tridlm.rms_norm_bf16(x, self.weight, self.eps)
+        return self.torch_forward(x)
+
+    def torch_forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -630,6 +636,12 @@ class TriModeLM(nn.Module):
 
             native_attention_max_tokens = 0 if self.native_attention_unavailable else measured(self)
         self.native_attention_max_tokens = native_attention_max_tokens
+        from .kernels import native_norm
+
+        on = native_norm(self)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.native = on
         return self
 
     def set_batch_invariant(self, on: bool = True) -> TriModeLM:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("small_gemm.cpp", "attention.cpp", "amx_gemm.cpp"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("small_gemm.cpp", "attention.cpp", "amx_gemm.cpp",
+                                                                    "rms_norm.cpp"))
 TILE_ROWS, TILE_COLS = 32, 2  # the packed layout's tile: output rows x inputs
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 AMX_FLAGS = ("amx_tile", "amx_bf16")
@@ -161,6 +162,10 @@ def _load() -> str:
     @torch.library.register_fake("tridlm::gemm_int8")
     def _(x, w, scale):
         return x.new_empty(x.shape[0], w.shape[0] * TILE_ROWS)
+
+    @torch.library.register_fake("tridlm::rms_norm_bf16")
+    def _(x, w, eps):
+        return torch.empty_like(x)
 
     @torch.library.register_fake("tridlm::attend_bf16")
     def _(q, k_cache, v_cache, lengths, k_new, v_new, mask, scale):

@@ -80,7 +80,7 @@ class RMSNorm(nn.Module):
         self.native = False  # tridlm.native's one-pass kernel at bf16 inference (TriModeLM.set_weight_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native and x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+        if self.native and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():
             return torch.ops.tridlm.rms_norm_bf16(x, self.weight, self.eps)
         return self.torch_forward(x)
 
@@ -360,7 +360,7 @@ class TriModeLM(nn.Module):
         args = self._inputs(input_ids, positions, cache, pattern, write_cache, block_size, valid, logits_at,
                             return_hidden, draft)
         B, T = input_ids.shape
-        write_cache = args[4]
+        write_cache = args[4]  # with its default filled in
         if self._compiled is not None and cache is not None and T in self._compiled_tokens and B == 1 \
                 and not torch.is_grad_enabled():
             if self._graph_state() != self._compiled_for:
@@ -404,18 +404,22 @@ class TriModeLM(nn.Module):
         flow), weight-only quantized ("int8" / "int4" / None), and through which of tridlm.native's kernels
         ("native" / "amx" / False). set_weight_format keeps the ranges inside the forwards it measured; a later
         .to(dtype) leaves torch's products."""
-        fused = self.fuse_projections and not torch.is_grad_enabled()
+        fused = self._fused()
         quant = self.weight_format if (fused and self.weight_format in fusion.QUANTIZED
                                        and n_tokens <= self.quant_max_tokens) else None
         native = fused and n_tokens <= self.native_max_tokens and self.dtype == torch.bfloat16 and self.native_kernel
         return fused, quant, native
+
+    def _fused(self) -> bool:
+        """Projections fused (tridlm.fusion) and tridlm's kernels allowed: at inference, not when gradients flow."""
+        return self.fuse_projections and not torch.is_grad_enabled()
 
     def _part(self, x, positions, pattern, block_size, cache, write, valid, static=False) -> _Part:
         """A forward's rotary tables and attention context; x is its embedded tokens [B, T, H]."""
         B, T = x.shape[:2]
         cos, sin, q_scale = self._rope(positions, x.dtype)
         ctx = self._attention_context(B, T, pattern, block_size, cache, write, valid, x.device, static)
-        ctx.native_attention = (self.fuse_projections and not torch.is_grad_enabled() and cache is not None
+        ctx.native_attention = (self._fused() and cache is not None
                                 and B * T <= self.native_attention_max_tokens and self.dtype == torch.bfloat16)
         advance = (valid.sum(1) if valid is not None else T) if cache is not None and write and not static else None
         return _Part(B, T, cos, sin, q_scale, ctx, advance=advance)

@@ -338,3 +338,92 @@ def test_norms_take_the_kernel_only_where_it_runs(monkeypatch):
     assert not any(m.native for m in bf16.modules() if isinstance(m, RMSNorm))
     with torch.no_grad():
         bf16(torch.randint(4, 64, (1, 5)))  # torch's formula
+
+
+def add_cases():
+    """(y, x, w, row_scale) for the add products: row scales of 1, 0 (a token that is not a draft) and others."""
+    gen = torch.Generator().manual_seed(9)
+    for m, n, k in ((1, 64, 32), (5, 96, 576), (33, 32, 64), (70, 40, 96)):
+        x = torch.randn(m, k, generator=gen).bfloat16()
+        w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
+        y = torch.randn(m, native.padded(n), generator=gen).bfloat16()
+        row_scale = torch.tensor([(1.0, 0.0, 0.5)[i % 3] for i in range(m)])
+        yield y, x, w, row_scale
+
+
+def check_add_product(op):
+    """y += s * row_scale * (x @ W.T) rounded once: within the sums' bound (scaled) plus half a bf16 step of
+    the result; a row whose scale is 0 keeps y's bits; every row as it is alone; no row_scale means 1."""
+    s = 0.75
+    for y, x, w, row_scale in add_cases():
+        n = w.shape[0]
+        packed = native.pack(w)
+        got = op(y.clone(), x, packed, row_scale, s)
+        exact = y.double()[:, :n] + s * row_scale.double()[:, None] * (x.double() @ w.double().T)
+        err = (got[:, :n].double() - exact).abs()
+        allowed = s * row_scale.double()[:, None] * bound(x, w) * 1.0001 + 2.0**-8 * exact.abs() + 1e-30
+        assert bool((err <= allowed).all())
+        off = row_scale == 0
+        assert torch.equal(got[off], y[off])
+        for i in (0, x.shape[0] - 1):
+            alone = op(y[i:i + 1].clone(), x[i:i + 1], packed, row_scale[i:i + 1].contiguous(), s)
+            assert torch.equal(alone[0], got[i])
+        ones = op(y.clone(), x, packed, None, s)
+        assert torch.equal(ones, op(y.clone(), x, packed, torch.ones(x.shape[0]), s))
+
+
+@needs_native
+def test_the_add_product_adds_the_scaled_sums_in_one_rounding():
+    check_add_product(torch.ops.tridlm.gemm_bf16_add_)
+
+
+@needs_amx
+def test_the_amx_add_product_adds_the_scaled_sums_in_one_rounding():
+    check_add_product(torch.ops.tridlm.gemm_bf16_amx_add_)
+
+
+@needs_native
+def test_the_add_products_refuse_an_addend_of_another_shape():
+    x, w = torch.ones(3, 64, dtype=torch.bfloat16), native.pack(torch.ones(32, 64, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="of the product's shape"):
+        torch.ops.tridlm.gemm_bf16_add_(torch.zeros(2, 32, dtype=torch.bfloat16), x, w, None, 1.0)
+    with pytest.raises(RuntimeError, match="one fp32 value per row"):
+        torch.ops.tridlm.gemm_bf16_add_(torch.zeros(3, 32, dtype=torch.bfloat16), x, w, torch.ones(2), 1.0)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_argmax_rows_is_torchs_argmax_with_the_banned_id_left_out(dtype):
+    """The first index of the largest value, the banned id never (unless every other value is -inf and it
+    is first: torch's answer then too), the first NaN where there is one: at vocabularies that are and are
+    not a multiple of the kernel's 16 lanes, the banned id in either part."""
+    from tridlm.decoding.sampling import ban
+
+    gen = torch.Generator().manual_seed(10)
+    for V in (1, 15, 16, 100, 49152):
+        x = torch.randn(12, V, generator=gen).to(dtype)
+        x[1] = x[1].round()  # many ties
+        x[2, :] = float("-inf")
+        if V > 3:
+            x[3, V // 2] = float("nan")
+            x[3, V - 1] = float("nan")
+            x[4, 0] = x[4].max() + 1  # the largest value at the banned id
+            x[5, V - 1] = x[5].max() + 1
+            x[6, V // 3] = float("inf")
+        for banned in {0, V - 1, V // 2, -1}:
+            expected = ban(x, None if banned < 0 else banned).argmax(-1)
+            got = torch.ops.tridlm.argmax_rows(x, banned)
+            assert torch.equal(got, expected), (V, banned)
+        assert torch.equal(torch.ops.tridlm.argmax_rows(x.view(3, 4, V), 0), ban(x, 0).argmax(-1).view(3, 4))
+
+
+@needs_native
+def test_greedy_picks_the_same_ids_through_either_argmax(monkeypatch):
+    from tridlm.decoding import sampling
+
+    logits = torch.randn(4, 300).bfloat16()
+    logits[:, 7] = 100.0  # the banned id would win
+    for own in (False, True):
+        monkeypatch.setattr(sampling, "_own_argmax", {torch.bfloat16: own})
+        assert torch.equal(sampling.greedy(logits, 7), logits.float().clone().index_fill_(1, torch.tensor([7]),
+                                                                                            float("-inf")).argmax(-1))

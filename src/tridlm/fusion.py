@@ -98,6 +98,9 @@ def _native_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 # tridlm's bf16 products on packed weights (tridlm.native): the AVX-512 one and the AMX one
 OWN_PRODUCTS = {"native": _native_product, "amx": _amx_product}
+# the same, adding s * row_scale * (x @ W.T) into y in place: (y, x, packed, row_scale or None, s)
+OWN_PRODUCTS_ADD = {"native": lambda *a: torch.ops.tridlm.gemm_bf16_add_(*a),
+                    "amx": lambda *a: torch.ops.tridlm.gemm_bf16_amx_add_(*a)}
 
 
 def _kernel(native: bool | str) -> str | None:
@@ -250,13 +253,38 @@ class FusedProjections:
         flat = x.reshape(-1, x.shape[-1])
         return torch.cat([F.linear(flat[i:i + c], w) for i in range(0, flat.shape[0], c)]).view(*x.shape[:-1], -1)
 
+    def _own_kernel_for_both(self, quant: str | None) -> str | None:
+        """The one of tridlm's kernels that both the base rows and the drafter's A rows take at every width
+        (batch invariance), if they take the same: then one product over both gives the base rows' bits."""
+        if quant is not None or not self.own_kernels:
+            return None
+        n = self._n_base
+        kernels = {self.own_kernels.get(tuple(w.shape)) for w in (self._weight[:n], self._weight[n:])}
+        return kernels.pop() if len(kernels) == 1 else None
+
+    def _drafter_kernel(self, native: bool | str) -> str | None:
+        return self.own_kernels.get(tuple(self._block_b.shape), _kernel(native))
+
     def _drafter_product(self, xa: torch.Tensor, native: bool) -> torch.Tensor:
         """x @ A.T through the B blocks."""
-        kernel = self.own_kernels.get(tuple(self._block_b.shape), _kernel(native))
+        kernel = self._drafter_kernel(native)
         if kernel is None:
             return self._linear(xa, self._block_b)
         packed, _ = self._quantized("native-b")
         return OWN_PRODUCTS[kernel](xa.reshape(-1, xa.shape[-1]), packed).view(*xa.shape[:-1], -1)
+
+    def _add_drafter(self, y: torch.Tensor, xa: torch.Tensor, gate, native: bool | str) -> torch.Tensor:
+        """y + scaling * gate * (x @ A.T through the B blocks): with tridlm's products, in place and in one
+        rounding (OWN_PRODUCTS_ADD; tokens whose gate is 0 keep y's bits); else as torch's ops."""
+        kernel = self._drafter_kernel(native)
+        if kernel is None or y.dtype != torch.bfloat16:
+            delta = self._drafter_product(xa, native) * self._scaling
+            return y + (delta if isinstance(gate, str) else delta * gate)
+        packed, _ = self._quantized("native-b")
+        row_scale = None if isinstance(gate, str) else gate.reshape(-1).float()
+        OWN_PRODUCTS_ADD[kernel](y.view(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), packed, row_scale,
+                                 self._scaling)
+        return y
 
     def _int8_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._quantized("int8")
@@ -315,11 +343,14 @@ class FusedProjections:
             y = self._product(x, base, quant, native)
         elif isinstance(gate, str) and not self.invariant:  # every token a draft: base and x @ A.T in one product
             both = self._product(x, slice(None), quant, native)
-            y, xa = both[..., :self._n_base], both[..., self._n_base:]
-            y = y + self._drafter_product(xa, native) * self._scaling
+            y = self._add_drafter(both[..., :self._n_base], both[..., self._n_base:], gate, native)
         else:  # drafts among base tokens (or all, batch-invariant): base tokens keep the base model's products
-            y = self._product(x, base, quant, native)
-            xa = self._product(x, slice(self._n_base, None), quant, native)
-            delta = self._drafter_product(xa, native) * self._scaling
-            y = y + (delta if isinstance(gate, str) else delta * gate)  # a draft's gate is 1: the same bits
+            own = self._own_kernel_for_both(quant)
+            if own:  # each of the kernel's output tiles is summed alone: one product, the base tiles' bits
+                both = self._product(x, slice(None), None, own)
+                y, xa = both[..., :self._n_base], both[..., self._n_base:]
+            else:
+                y = self._product(x, base, quant, native)
+                xa = self._product(x, slice(self._n_base, None), quant, native)
+            y = self._add_drafter(y, xa, gate, native)  # a draft's gate is 1: the same bits as "all"
         return list(y.split(self._splits, dim=-1)) if len(self._splits) > 1 else [y]

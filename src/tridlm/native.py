@@ -2,7 +2,8 @@
 and int8 weight-only, bf16 activations, fp32 sums) and attention over a KV cache (`csrc/attention.cpp`).
 Built once per machine with the system C++ compiler against the installed torch (a few seconds), kept
 under `tridlm.machine.cache_root()/native/`, and loaded as the torch ops `torch.ops.tridlm.gemm_bf16`,
-`gemm_int8` and `attend_bf16`, which torch.compile graphs call like any op.
+`gemm_int8` and `attend_bf16`, which torch.compile graphs call like any op; also a bf16 RMSNorm
+(`csrc/rms_norm.cpp`) and greedy picks over a vocabulary (`csrc/argmax.cpp`).
 They need AVX-512 with BF16 dot products (AMD Zen 4, Intel Sapphire Rapids and later); where that, a
 compiler or the build is missing, `unavailable()` says why and tridlm keeps torch's products.
 `TRIDLM_NATIVE=0` turns them off. CPUs with AMX also get `torch.ops.tridlm.gemm_bf16_amx`
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("small_gemm.cpp", "attention.cpp", "amx_gemm.cpp",
-                                                                    "rms_norm.cpp"))
+                                                                    "rms_norm.cpp", "argmax.cpp"))
+HEADERS = (Path(__file__).parent / "csrc" / "epilogue.h",)  # included by the sources: part of their hash
 TILE_ROWS, TILE_COLS = 32, 2  # the packed layout's tile: output rows x inputs
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 AMX_FLAGS = ("amx_tile", "amx_bf16")
@@ -46,6 +48,11 @@ def unavailable() -> str | None:
         except Exception as e:  # a failed build or load leaves torch's products, never a broken model
             _reason = f"loading tridlm's CPU kernels failed: {e}"
     return _reason or None
+
+
+def loaded() -> bool:
+    """Whether the kernels are loaded in this process already (asks nothing that would build them)."""
+    return _tried and not _reason
 
 
 def amx_unavailable() -> str | None:
@@ -108,7 +115,7 @@ def _compiler() -> str | None:
 
 def source_hash() -> str:
     """Changes whenever a kernel's source does (keys cached builds and measurements)."""
-    return hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:16]
 
 
 def _library_path(cxx: str) -> Path:
@@ -166,6 +173,18 @@ def _load() -> str:
     @torch.library.register_fake("tridlm::rms_norm_bf16")
     def _(x, w, eps):
         return torch.empty_like(x)
+
+    @torch.library.register_fake("tridlm::gemm_bf16_add_")
+    def _(y, x, w, row_scale, scale):
+        return y
+
+    @torch.library.register_fake("tridlm::gemm_bf16_amx_add_")
+    def _(y, x, w, row_scale, scale):
+        return y
+
+    @torch.library.register_fake("tridlm::argmax_rows")
+    def _(x, banned):
+        return x.new_empty(x.shape[:-1], dtype=torch.long)
 
     @torch.library.register_fake("tridlm::attend_bf16")
     def _(q, k_cache, v_cache, lengths, k_new, v_new, mask, scale):

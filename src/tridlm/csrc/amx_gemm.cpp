@@ -1,5 +1,5 @@
 // tridlm's bf16 product for wide forwards on CPUs with AMX (Intel Sapphire Rapids and later):
-// y[M, N] = x[M, K] @ W[N, K]^T, bf16 in and out, fp32 sums, W in small_gemm.cpp's packed layout
+// y[M, N] = x[M, K] @ W[N, K]^T (or y += s * x @ W^T in place: gemm_bf16_amx_add_), bf16 in and out, fp32 sums, W in small_gemm.cpp's packed layout
 // [N/32][K/2][32][2]. That layout is already what an AMX B tile wants (16 input pairs x 16 outputs x 2,
 // a row every 128 bytes), so the same packed copy serves both kernels.
 //
@@ -13,6 +13,8 @@
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "epilogue.h"
 
 namespace {
 
@@ -79,7 +81,16 @@ inline void store_rows(const float* c, int64_t rows, uint16_t* out, int64_t ldo)
                           (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c + r * kTile + kTileRows * h)));
 }
 
-at::Tensor gemm_bf16_amx(const at::Tensor& x, const at::Tensor& w) {
+// out += scale * row_scale[r] * sums, rounded once (gemm_bf16_add_'s epilogue, small_gemm.cpp)
+inline void add_rows(const float* c, int64_t rows, uint16_t* out, int64_t ldo, float scale, const float* row_scale) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float s = row_scale ? scale * row_scale[r] : scale;
+    for (int h = 0; h < 2; ++h) add_store16(_mm512_loadu_ps(c + r * kTile + kTileRows * h), s, out + r * ldo + kTileRows * h);
+  }
+}
+
+// out = x @ W^T, or with `add` out (the caller's y, in place) += scale * row_scale * (x @ W^T)
+at::Tensor amx_product(const at::Tensor& x, const at::Tensor& w, at::Tensor* add, float scale, const float* row_scale) {
   TORCH_CHECK(amx_ready(), "gemm_bf16_amx needs AMX, which this CPU or kernel does not grant");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "gemm_bf16_amx takes bf16 x [M, K]");
   TORCH_CHECK(w.dim() == 4 && w.size(2) == kTile && w.size(3) == kPair && w.is_contiguous() &&
@@ -90,12 +101,30 @@ at::Tensor gemm_bf16_amx(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(K % kStep == 0, "gemm_bf16_amx takes a multiple of ", kStep, " inputs, not ", K);
   at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   const int64_t ldx = xc.stride(0);
-  at::Tensor out = at::empty({M, N}, x.options());
+  at::Tensor out = add ? *add : at::empty({M, N}, x.options());
+  if (add) check_addend(out, M, N);
+  const int64_t ldo = out.stride(0);
   if (M == 0) return out;
   const uint16_t* xp = (const uint16_t*)xc.data_ptr();
   const uint16_t* wp = (const uint16_t*)w.data_ptr();
   uint16_t* op = (uint16_t*)out.data_ptr();
+  auto put = [&](const float* c, int64_t rows, int64_t m0, int64_t t) {
+    if (add) add_rows(c, rows, op + m0 * ldo + t * kTile, ldo, scale, row_scale ? row_scale + m0 : nullptr);
+    else store_rows(c, rows, op + m0 * ldo + t * kTile, ldo);
+  };
   const int64_t full = M / kTile * kTile, rest = M - full;  // blocks of 32 rows, then what is left
+  // Beside full blocks, the rest is copied into a zeroed block of 32 rows: every block then takes one tile
+  // configuration (loading one costs more than the padding rows' sums). Each row's sums are the same.
+  at::Tensor padded;
+  const uint16_t* rp = xp + full * ldx;
+  int64_t ldr = ldx;
+  if (full && rest) {
+    padded = at::zeros({kTile, K}, x.options());
+    padded.narrow(0, 0, rest).copy_(xc.narrow(0, full, rest));
+    rp = (const uint16_t*)padded.data_ptr();
+    ldr = K;
+  }
+  const int64_t rest_rows = full && rest ? kTile : rest;  // the rows the last block's tiles hold
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     alignas(64) float c[kTile * kTile];
     int64_t configured = -1;  // the row count the tile registers are set up for
@@ -104,13 +133,13 @@ at::Tensor gemm_bf16_amx(const at::Tensor& x, const at::Tensor& w) {
       if (full && configured != kTile) configure(configured = kTile);
       for (int64_t m0 = 0; m0 < full; m0 += kTile) {
         block<true>(xp + m0 * ldx, ldx, wt, K, c);
-        store_rows(c, kTile, op + m0 * N + t * kTile, N);
+        put(c, kTile, m0, t);
       }
       if (rest) {
-        if (configured != rest) configure(configured = rest);
-        if (rest > kTileRows) block<true>(xp + full * ldx, ldx, wt, K, c);
-        else block<false>(xp + full * ldx, ldx, wt, K, c);
-        store_rows(c, rest, op + full * N + t * kTile, N);
+        if (configured != rest_rows) configure(configured = rest_rows);
+        if (rest_rows > kTileRows) block<true>(rp, ldr, wt, K, c);
+        else block<false>(rp, ldr, wt, K, c);
+        put(c, rest, full, t);
       }
     }
     _tile_release();
@@ -118,10 +147,21 @@ at::Tensor gemm_bf16_amx(const at::Tensor& x, const at::Tensor& w) {
   return out;
 }
 
+at::Tensor gemm_bf16_amx(const at::Tensor& x, const at::Tensor& w) { return amx_product(x, w, nullptr, 1.0f, nullptr); }
+
+at::Tensor gemm_bf16_amx_add_(at::Tensor y, const at::Tensor& x, const at::Tensor& w,
+                              const c10::optional<at::Tensor>& row_scale, double scale) {
+  return amx_product(x, w, &y, (float)scale, row_scale_ptr(row_scale, x.size(0)));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tridlm, m) {
   m.def("gemm_bf16_amx(Tensor x, Tensor w) -> Tensor");
+  m.def("gemm_bf16_amx_add_(Tensor(a!) y, Tensor x, Tensor w, Tensor? row_scale, float scale) -> Tensor(a!)");
 }
 
-TORCH_LIBRARY_IMPL(tridlm, CPU, m) { m.impl("gemm_bf16_amx", gemm_bf16_amx); }
+TORCH_LIBRARY_IMPL(tridlm, CPU, m) {
+  m.impl("gemm_bf16_amx", gemm_bf16_amx);
+  m.impl("gemm_bf16_amx_add_", gemm_bf16_amx_add_);
+}

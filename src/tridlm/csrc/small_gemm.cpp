@@ -1,5 +1,5 @@
 // tridlm's CPU products for narrow forwards (a few tokens: decoding steps, draft and verify blocks).
-// y[M, N] = x[M, K] @ W[N, K]^T with bf16 activations and fp32 sums, W held as bf16 values or as int8
+// y[M, N] = x[M, K] @ W[N, K]^T (or y += s * x @ W^T in place: gemm_bf16_add_) with bf16 activations and fp32 sums, W held as bf16 values or as int8
 // codes with one scale per row. torch's kernels reach a third to a half of the memory bandwidth on
 // SmolLM2-sized shapes; these stream a packed layout at close to it.
 //
@@ -14,6 +14,8 @@
 #include <immintrin.h>
 
 #include <cstring>
+
+#include "epilogue.h"
 
 namespace {
 
@@ -37,9 +39,16 @@ struct Int8Weights {  // codes -127..127, exact in bf16
 };
 
 // one tile of 32 outputs for MT rows of x: acc[i][0] outputs 0-15, acc[i][1] outputs 16-31
+// add: out += add_scale * row_scale[i] * sums instead of out = sums (epilogue.h)
+struct Add {
+  bool on = false;
+  float scale = 1.0f;
+  const float* row_scale = nullptr;
+};
+
 template <class W, int MT>
 inline void tile(const uint16_t* x, int64_t ldx, const typename W::T* w, int64_t pairs, const float* scale,
-                 uint16_t* out, int64_t ldo) {
+                 uint16_t* out, int64_t ldo, Add add) {
   __m512 acc[MT][2];
   for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   constexpr int64_t pair_bytes = kTile * kPair * sizeof(typename W::T);
@@ -60,6 +69,10 @@ inline void tile(const uint16_t* x, int64_t ldx, const typename W::T* w, int64_t
   for (int i = 0; i < MT; ++i)
     for (int h = 0; h < 2; ++h) {
       __m512 y = acc[i][h];
+      if (add.on) {
+        add_store16(y, add.row_scale ? add.scale * add.row_scale[i] : add.scale, out + i * ldo + 16 * h);
+        continue;
+      }
       if (scale) y = _mm512_mul_ps(y, _mm512_loadu_ps(scale + 16 * h));
       _mm256_storeu_si256((__m256i*)(out + i * ldo + 16 * h), (__m256i)_mm512_cvtneps_pbh(y));  // nearest even
     }
@@ -67,21 +80,22 @@ inline void tile(const uint16_t* x, int64_t ldx, const typename W::T* w, int64_t
 
 template <class W>
 void rows(int mt, const uint16_t* x, int64_t ldx, const typename W::T* w, int64_t pairs, const float* scale,
-          uint16_t* out, int64_t ldo) {
+          uint16_t* out, int64_t ldo, Add add) {
   switch (mt) {
-    case 1: tile<W, 1>(x, ldx, w, pairs, scale, out, ldo); break;
-    case 2: tile<W, 2>(x, ldx, w, pairs, scale, out, ldo); break;
-    case 3: tile<W, 3>(x, ldx, w, pairs, scale, out, ldo); break;
-    case 4: tile<W, 4>(x, ldx, w, pairs, scale, out, ldo); break;
-    case 5: tile<W, 5>(x, ldx, w, pairs, scale, out, ldo); break;
-    case 6: tile<W, 6>(x, ldx, w, pairs, scale, out, ldo); break;
-    case 7: tile<W, 7>(x, ldx, w, pairs, scale, out, ldo); break;
-    default: tile<W, 8>(x, ldx, w, pairs, scale, out, ldo); break;
+    case 1: tile<W, 1>(x, ldx, w, pairs, scale, out, ldo, add); break;
+    case 2: tile<W, 2>(x, ldx, w, pairs, scale, out, ldo, add); break;
+    case 3: tile<W, 3>(x, ldx, w, pairs, scale, out, ldo, add); break;
+    case 4: tile<W, 4>(x, ldx, w, pairs, scale, out, ldo, add); break;
+    case 5: tile<W, 5>(x, ldx, w, pairs, scale, out, ldo, add); break;
+    case 6: tile<W, 6>(x, ldx, w, pairs, scale, out, ldo, add); break;
+    case 7: tile<W, 7>(x, ldx, w, pairs, scale, out, ldo, add); break;
+    default: tile<W, 8>(x, ldx, w, pairs, scale, out, ldo, add); break;
   }
 }
 
 template <class W>
-at::Tensor product(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale) {
+at::Tensor product(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                   at::Tensor* addend = nullptr, Add add = {}) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "tridlm products take bf16 x [M, K]");
   TORCH_CHECK(w.dim() == 4 && w.size(2) == kTile && w.size(3) == kPair && w.is_contiguous(),
               "tridlm products take weights packed as [N/32, K/2, 32, 2]");
@@ -90,7 +104,9 @@ at::Tensor product(const at::Tensor& x, const at::Tensor& w, const c10::optional
   // rows of x may be a slice of wider rows (a drafter's x @ A.T beside the base outputs): no copy then
   at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   const int64_t ldx = xc.stride(0);
-  at::Tensor out = at::empty({M, N}, x.options());
+  at::Tensor out = addend ? *addend : at::empty({M, N}, x.options());
+  if (addend) check_addend(out, M, N);
+  const int64_t ldo = out.stride(0);
   const uint16_t* xp = (const uint16_t*)xc.data_ptr();
   const typename W::T* wp = (const typename W::T*)w.data_ptr();
   uint16_t* op = (uint16_t*)out.data_ptr();
@@ -103,9 +119,12 @@ at::Tensor product(const at::Tensor& x, const at::Tensor& w, const c10::optional
   }
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)  // a tile stays in cache across groups of rows
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {  // a tile stays in cache across groups of rows
+        Add a = add;
+        if (a.row_scale) a.row_scale += m0;
         rows<W>((int)std::min(kMaxRows, M - m0), xp + m0 * ldx, ldx, wp + t * pairs * kTile * kPair, pairs,
-                sp ? sp + t * kTile : nullptr, op + m0 * N + t * kTile, N);
+                sp ? sp + t * kTile : nullptr, op + m0 * ldo + t * kTile, ldo, a);
+      }
   });
   return out;
 }
@@ -113,6 +132,12 @@ at::Tensor product(const at::Tensor& x, const at::Tensor& w, const c10::optional
 at::Tensor gemm_bf16(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.scalar_type() == at::kBFloat16, "gemm_bf16 takes packed bf16 weights");
   return product<Bf16Weights>(x, w, c10::nullopt);
+}
+
+at::Tensor gemm_bf16_add_(at::Tensor y, const at::Tensor& x, const at::Tensor& w,
+                          const c10::optional<at::Tensor>& row_scale, double scale) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "gemm_bf16_add_ takes packed bf16 weights");
+  return product<Bf16Weights>(x, w, c10::nullopt, &y, Add{true, (float)scale, row_scale_ptr(row_scale, x.size(0))});
 }
 
 at::Tensor gemm_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
@@ -125,9 +150,11 @@ at::Tensor gemm_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 TORCH_LIBRARY(tridlm, m) {
   m.def("gemm_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("gemm_int8(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("gemm_bf16_add_(Tensor(a!) y, Tensor x, Tensor w, Tensor? row_scale, float scale) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(tridlm, CPU, m) {
   m.impl("gemm_bf16", gemm_bf16);
   m.impl("gemm_int8", gemm_int8);
+  m.impl("gemm_bf16_add_", gemm_bf16_add_);
 }

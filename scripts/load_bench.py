@@ -14,8 +14,11 @@ request latency over all rounds' requests, and the mean tokens per forward the s
 
 --scenario mixed: C clients (default 32) each send R requests (default 4) back to back, the modes in
 turn (ar, diffusion, spec, spec-quadratic), every knob at the server's default (no block_length);
-each request is first run alone, and the report says how many failed, how many differ from their
-solo run, p50/p95/p99 latency per mode, and the p95 over requests of latency / solo latency.
+each distinct request is first run alone (after a warm-up, `--solo-repeats` times: its solo latency is
+the median), and the report says how many failed, how many differ from their solo run, p50/p95/p99
+latency per mode, and the p95 over requests of latency / solo latency. `--rounds` (default 1 here)
+repeats the whole load: the percentiles pool every round's requests, and each round's own figures
+are listed beside them.
 
 --scenario abuse: one client sends the widest requests the server's limits allow, back to back,
 while --small-clients others each send --small-requests 2-token AR requests; reported: the small
@@ -125,7 +128,8 @@ def mixed_bodies(clients: int, per_client: int, max_tokens: int) -> list[list[di
     return out
 
 
-async def run_mixed(url: str, key: str | None, clients: int, per_client: int, max_tokens: int) -> dict:
+async def run_mixed(url: str, key: str | None, clients: int, per_client: int, max_tokens: int, rounds: int = 1,
+                    solo_repeats: int = 3) -> dict:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     plan = mixed_bodies(clients, per_client, max_tokens)
     distinct = {json.dumps(b, sort_keys=True): b for bodies in plan for b in bodies}
@@ -133,35 +137,56 @@ async def run_mixed(url: str, key: str | None, clients: int, per_client: int, ma
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600) as c:
         for k, b in distinct.items():  # alone, one after another (a warm-up first: first-use costs stay out)
             await _post(c, b)
-            solo[k] = await _post(c, b)
-    results: list[tuple[dict, float, dict]] = []
+            runs = [await _post(c, b) for _ in range(max(1, solo_repeats))]
+            solo[k] = (statistics.median(took for took, _ in runs), runs[0][1])
+    results: list[tuple[dict, float, dict, int]] = []  # (body, latency, response, its place in its client's turn)
+    per_round = []
 
-    async def client(bodies):
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600) as c:  # its own connection
-            for b in bodies:
-                took, out = await _post(c, b)
-                results.append((b, took, out))
+    async def client(c: httpx.AsyncClient, bodies, into):
+        for i, b in enumerate(bodies):
+            took, out = await _post(c, b)
+            into.append((b, took, out, i))
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client(bodies) for bodies in plan))
-    wall = time.perf_counter() - t0
-    failed = sum("error" in out for _, _, out in results)
-    differs = [b for b, _, out in results if "error" not in out and out["choices"][0]["text"]
+    def over_solo(rs) -> list[float]:
+        return [took / solo[json.dumps(b, sort_keys=True)][0] for b, took, *_ in rs]
+
+    wall = 0.0
+    for _ in range(rounds):
+        mine: list[tuple[dict, float, dict, int]] = []
+        # every client's connection is made (and used once) before the clock starts: the clients' own set-up,
+        # which shares this machine's cores with the server, stays out of the requests' latencies
+        conns = [httpx.AsyncClient(base_url=url, headers=headers, timeout=3600) for _ in plan]
+        try:
+            await asyncio.gather(*(c.get("/health") for c in conns))
+            t0 = time.perf_counter()
+            await asyncio.gather(*(client(c, bodies, mine) for c, bodies in zip(conns, plan, strict=True)))
+            took = time.perf_counter() - t0
+        finally:
+            await asyncio.gather(*(c.aclose() for c in conns))
+        wall += took
+        results += mine
+        per_round.append({"wall_s": took, "p95_latency_over_solo": percentile(over_solo(mine), 0.95),
+                          "median_latency_over_solo": percentile(over_solo(mine), 0.5)})
+    failed = sum("error" in out for _, _, out, _ in results)
+    differs = [b for b, _, out, _ in results if "error" not in out and out["choices"][0]["text"]
                != solo[json.dumps(b, sort_keys=True)][1]["choices"][0]["text"]]
-    ratios = [took / solo[json.dumps(b, sort_keys=True)][0] for b, took, _ in results]
+    ratios = over_solo(results)
     per_mode = {}
     for m in MIXED_MODES:
-        lat = [took for b, took, _ in results if b["mode"] == m]
-        alone = [solo[json.dumps(b, sort_keys=True)][0] for b, _, _ in results if b["mode"] == m]
+        lat = [took for b, took, *_ in results if b["mode"] == m]
+        alone = [solo[json.dumps(b, sort_keys=True)][0] for b, *_ in results if b["mode"] == m]
         if lat:
             per_mode[m] = {"requests": len(lat), "differ_from_solo": sum(b["mode"] == m for b in differs),
                            "solo_median_s": statistics.median(alone),
                            "p50_s": percentile(lat, 0.5), "p95_s": percentile(lat, 0.95),
                            "p99_s": percentile(lat, 0.99)}
-    return {"clients": clients, "per_client": per_client, "max_tokens": max_tokens, "wall_s": wall,
-            "requests": len(results), "failed": failed, "differ_from_solo": len(differs),
-            "p95_latency_over_solo": percentile(ratios, 0.95), "median_latency_over_solo": percentile(ratios, 0.5),
-            "per_mode": per_mode}
+    return {"clients": clients, "per_client": per_client, "max_tokens": max_tokens, "rounds": rounds,
+            "solo_repeats": solo_repeats, "wall_s": wall / rounds, "requests": len(results), "failed": failed,
+            "differ_from_solo": len(differs), "p95_latency_over_solo": percentile(ratios, 0.95),
+            "median_latency_over_solo": percentile(ratios, 0.5), "per_mode": per_mode, "per_round": per_round,
+            # the median latency / solo of each client's first, second, ... request: the first ones start together
+            "median_over_solo_by_turn": [percentile([r for r, res in zip(ratios, results, strict=True) if res[3] == k],
+                                                    0.5) for k in range(per_client)]}
 
 
 async def run_abuse(url: str, key: str | None, limits: dict, small_clients: int, small_requests: int,
@@ -230,7 +255,10 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="ar,diffusion,spec,spec-quadratic,auto")
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--requests", type=int, default=None, help="requests per level (default max(8, 2 x C))")
-    p.add_argument("--rounds", type=int, default=3, help="repeat the sweep (default 3)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="repeat the sweep (default 3) or the mixed load (default 1)")
+    p.add_argument("--solo-repeats", type=int, default=3,
+                   help="mixed: runs of each distinct request alone, after a warm-up; its solo latency is the median")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--block-length", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch threads of the in-process server")
@@ -360,7 +388,8 @@ def main(argv=None) -> int:
 
         try:
             if args.scenario == "mixed":
-                out = asyncio.run(run_mixed(url, args.api_key, args.clients, args.per_client, args.max_tokens))
+                out = asyncio.run(run_mixed(url, args.api_key, args.clients, args.per_client, args.max_tokens,
+                                            args.rounds or 1, args.solo_repeats))
             else:
                 limits = worst_allowed(model, ServerConfig())
                 out = asyncio.run(run_abuse(url, args.api_key, limits, args.small_clients, args.small_requests))
@@ -373,7 +402,7 @@ def main(argv=None) -> int:
     try:
         for mode in modes:  # one warm-up request per mode (first-use costs stay out of the numbers)
             asyncio.run(level(url, args.api_key, mode, 1, 1, body))
-        for k in range(args.rounds):
+        for k in range(args.rounds or 3):
             for c in levels:
                 for mode in modes:
                     n = args.requests or max(8, 2 * c)

@@ -255,6 +255,68 @@ def test_a_joining_prompt_prefills_in_a_call_of_its_own(small_vocab):
     assert batch.cache.lengths.tolist() == [r.cached for r in batch.rows]
 
 
+def test_rows_that_leave_mid_batch_leave_the_others_entries_intact(small_vocab):
+    """Rows of several lengths finish in the middle of the batch (the last row moves into each slot) and new
+    rows join into the room left: every row keeps its cache entries bit for bit wherever it moves, and makes
+    its solo tokens. A row that is still prefilling stays last when a row before it leaves (the rows after
+    the slot move up), so its next prompt chunk is still a call of its own."""
+    from tridlm.decoding.batch import step_together
+
+    def entries(batch):
+        c = batch.cache
+        return {id(r): (c.k[:, i, :, :r.cached].clone(), c.v[:, i, :, :r.cached].clone())
+                for i, r in enumerate(batch.rows)}
+
+    def kept(batch, before):
+        c = batch.cache
+        assert c.lengths.tolist() == [r.cached for r in batch.rows]
+        for i, r in enumerate(batch.rows):
+            if id(r) in before:
+                k, v = before[id(r)]
+                assert torch.equal(c.k[:, i, :, :k.shape[2]], k) and torch.equal(c.v[:, i, :, :v.shape[2]], v)
+
+    m = small_vocab
+    ps = prompts(7, 12, seed=8)
+    lengths = [12, 3, 9, 2, 12, 6, 8]
+    want = [m.generate(p, "ar", max_new_tokens=n, ignore_eos=True).ids for p, n in zip(ps, lengths, strict=True)]
+    rows = [Row(p, GenerationParams(mode="ar", max_new_tokens=n, ignore_eos=True), m.config)
+            for p, n in zip(ps, lengths, strict=True)]
+    batch = DecodeBatch(m, rows[:5])
+    with torch.inference_mode():
+        for step in range(40):
+            if step == 4:  # rows 3 and 1 have left from the middle by now
+                assert [r for r in rows[:5] if r.finished] == [rows[1], rows[3]]
+                batch.add(*rows[5:])
+            if batch.done:
+                break
+            before = entries(batch)
+            batch.step()
+            if not batch.done:
+                kept(batch, before)
+    contract = GreedyContract(m)
+    for p, r, w in zip(ps, rows, want, strict=True):
+        contract.same(p, r.output, w)
+    contract.assert_rare()
+    assert all(r.finished for r in rows) and batch.cache is None
+
+    params = GenerationParams(mode="ar", max_new_tokens=6, ignore_eos=True)
+    first = [Row(p, params, m.config) for p in prompts(3, 12, seed=9)]
+    long = Row(prompts(1, 12, seed=10)[0] * 6, params, m.config)
+    long.prefill_chunk = 4  # several steps of prompt
+    batch = DecodeBatch(m, first)
+    with torch.inference_mode():
+        batch.step()
+        batch.add(long)
+        batch.step()  # the long prompt's first chunk
+        before = entries(batch)
+        batch.remove(first[0])
+        assert batch.rows == [first[1], first[2], long] and not long.prefilled
+        kept(batch, before)
+        step = step_together([batch])[0]
+    assert step.spans == [(0, 2), (2, 3)]
+    assert batch.cache.lengths.tolist() == [r.cached for r in batch.rows]
+
+
 def test_cancelled_row_leaves_others_unchanged(small_vocab):
     m = small_vocab
     ps = prompts(3, 12, seed=5)

@@ -78,7 +78,7 @@ class KVCache:
         new = torch.as_tensor(new_lengths, device=self.lengths.device).expand_as(self.lengths)
         if bool((new > self.lengths).any()) or bool((new < 0).any()):
             raise ValueError(f"crop can only shorten rows: lengths {self.lengths.tolist()} -> {new.tolist()}")
-        self.lengths = new.clone()
+        self.lengths.copy_(new)  # in place: a view's (`rows`) crop lands in the cache it views
 
     def keep(self, row: int, start: int, slots: torch.Tensor) -> None:
         """Compact row `row`: move entries at `slots` to [start, start+len(slots)) and set its length.
@@ -90,12 +90,6 @@ class KVCache:
         self.k[:, row, :, start:start + n] = self.k[:, row, :, slots].clone()
         self.v[:, row, :, start:start + n] = self.v[:, row, :, slots].clone()
         self.lengths[row] = start + n
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (in that order): used when rows leave a running batch."""
-        self.k = self.k[:, rows].contiguous()
-        self.v = self.v[:, rows].contiguous()
-        self.lengths = self.lengths[rows].clone()
 
     def rows(self, start: int, stop: int) -> KVCache:
         """Rows [start, stop) as a cache of their own over this one's storage: what a forward writes through

@@ -22,6 +22,9 @@ class DecodeBatch:
     def __init__(self, model, rows=()):
         self.model = model
         self.rows: list[Row] = []
+        # the rows' KV entries: `cache` is row i's view over slot i of `_store`, which keeps room for more
+        # rows than it holds, so rows join and leave without a copy of everyone's entries
+        self._store: KVCache | None = None
         self.cache: KVCache | None = None
         self.prefill_forwards = 0  # model calls in which every row prefilled
         self.forwards = 0  # the other model calls
@@ -39,34 +42,59 @@ class DecodeBatch:
                 raise ValueError(f"a row built for {r.device} cannot join a batch on {dev}: "
                                  f"pass device=model.device to Row")
         need = max(len(r.prompt) + r.limit + r.mode.scratch(r.params) for r in rows)
-        self._resize(len(self.rows) + len(rows), need)
+        n = len(self.rows)
+        self._resize(n + len(rows), need)
+        self._store.lengths[n:n + len(rows)] = 0
         for r in rows:
             r.cached = 0
         self.rows.extend(rows)
+        self.cache = self._store.rows(0, len(self.rows))
 
     def remove(self, *rows: Row) -> None:
+        """Take rows out. The last row moves into a leaving row's slot (one row's entries copied, not the
+        batch's); while rows still prefill, the rows after it move up instead, so that those stay last."""
         gone = {id(r) for r in rows}
-        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
-        if len(keep) == len(self.rows):
+        holes = [i for i, r in enumerate(self.rows) if id(r) in gone]
+        if not holes:
             return
-        self.rows = [self.rows[i] for i in keep]
+        s = self._store
+        for i in reversed(holes):  # from the back: every row after i stays
+            last = len(self.rows) - 1
+            if i < last and all(r.prefilled for r in self.rows[i + 1:]):
+                used = int(s.lengths[last])
+                s.k[:, i, :, :used] = s.k[:, last, :, :used]
+                s.v[:, i, :, :used] = s.v[:, last, :, :used]
+                s.lengths[i] = used
+                self.rows[i] = self.rows[last]
+            elif i < last:
+                s.k[:, i:last] = s.k[:, i + 1:last + 1].clone()
+                s.v[:, i:last] = s.v[:, i + 1:last + 1].clone()
+                s.lengths[i:last] = s.lengths[i + 1:last + 1].clone()
+                self.rows[i:last] = self.rows[i + 1:last + 1]
+            self.rows.pop()
         if not self.rows:
-            self.cache = None
+            self._store = self.cache = None
         else:
-            self.cache.reorder(torch.tensor(keep, device=self.cache.lengths.device))
+            self.cache = s.rows(0, len(self.rows))
 
     def _resize(self, n_rows: int, max_len: int) -> None:
-        old = self.cache
+        """Room for n_rows rows of max_len positions; more rows than are asked for when rows are added to
+        rows that hold entries (half as many again), so that the next ones that join fit."""
+        old = self._store
         if old is not None and old.batch_size >= n_rows and old.max_len >= max_len:
             return
-        max_len = max(max_len, old.max_len if old is not None else 0)
-        new = self.model.new_cache(n_rows, max_len)
-        if old is not None:  # keep the live rows' entries (rows joining mid-run)
-            b, n = old.batch_size, old.max_len
-            new.k[:, :b, :, :n] = old.k
-            new.v[:, :b, :, :n] = old.v
-            new.lengths[:b] = old.lengths
-        self.cache = new
+        b = len(self.rows)
+        if old is not None and b and n_rows > old.batch_size:
+            n_rows = max(n_rows, old.batch_size + old.batch_size // 2)
+        new = self.model.new_cache(max(n_rows, old.batch_size if old is not None else 0),
+                                   max(max_len, old.max_len if old is not None else 0))
+        if old is not None and b:  # keep the live rows' entries (rows joining mid-run)
+            n = old.max_len
+            new.k[:, :b, :, :n] = old.k[:, :b]
+            new.v[:, :b, :, :n] = old.v[:, :b]
+            new.lengths[:b] = old.lengths[:b]
+        self._store = new
+        self.cache = new.rows(0, b) if b else None
 
     @property
     def done(self) -> bool:

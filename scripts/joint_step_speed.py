@@ -9,6 +9,8 @@ Reports milliseconds per step: AR alone, diffusion alone, the two apart (their s
 them before) and together. Every step is a real decode step (sampling and cache updates included).
 `--join-prompt N` also times the AR batch's step in which a row with an N-token prompt joins (a fresh row
 each repeat, taken out after it): the prompt's prefill call beside the decoding rows' one-token call.
+Last, a row in the middle of the AR batch leaving and a new one joining (no step): what the batch's
+cache costs as requests end and start.
 """
 
 from __future__ import annotations
@@ -92,6 +94,13 @@ def main(argv=None) -> int:
                     ar.remove(row)
 
                 ms[f"ar_with_a_{args.join_prompt}_token_prompt_joining"] = timed(join)
+
+            def churn():  # a row in the middle leaves and a new one joins, as requests end and start
+                ar.remove(ar.rows[len(ar.rows) // 2])
+                ar.add(Row(tok.encode(PROMPTS[0]), GenerationParams(mode="ar", max_new_tokens=256, ignore_eos=True),
+                           model.config, tok))
+
+            ms["ar_one_row_leaving_one_joining"] = timed(churn)
         return out
 
     out = off_this_thread(run)  # the timing thread holds the only OpenMP pool, as in the server

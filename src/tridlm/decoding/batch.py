@@ -51,31 +51,38 @@ class DecodeBatch:
         self.cache = self._store.rows(0, len(self.rows))
 
     def remove(self, *rows: Row) -> None:
-        """Take rows out. The last row moves into a leaving row's slot (one row's entries copied, not the
-        batch's); while rows still prefill, the rows after it move up instead, so that those stay last."""
+        """Take rows out, copying a few rows' entries rather than the batch's: the last row that has prefilled
+        moves into a leaving row's slot, and the rows still prefilling after it (rows join at the end) move
+        down one slot each, so they stay last and their prompt chunks stay a call of their own."""
         gone = {id(r) for r in rows}
         holes = [i for i, r in enumerate(self.rows) if id(r) in gone]
         if not holes:
             return
-        s = self._store
         for i in reversed(holes):  # from the back: every row after i stays
-            last = len(self.rows) - 1
-            if i < last and all(r.prefilled for r in self.rows[i + 1:]):
-                used = int(s.lengths[last])
-                s.k[:, i, :, :used] = s.k[:, last, :, :used]
-                s.v[:, i, :, :used] = s.v[:, last, :, :used]
-                s.lengths[i] = used
-                self.rows[i] = self.rows[last]
-            elif i < last:
-                s.k[:, i:last] = s.k[:, i + 1:last + 1].clone()
-                s.v[:, i:last] = s.v[:, i + 1:last + 1].clone()
-                s.lengths[i:last] = s.lengths[i + 1:last + 1].clone()
-                self.rows[i:last] = self.rows[i + 1:last + 1]
+            n = len(self.rows)
+            tail = n
+            while tail > i + 1 and not self.rows[tail - 1].prefilled:
+                tail -= 1  # rows [tail, n) are still prefilling
+            hole = i
+            if tail - 1 > i:
+                self._move(tail - 1, i)
+                hole = tail - 1
+            for t in range(hole + 1, n):
+                self._move(t, t - 1)
             self.rows.pop()
         if not self.rows:
             self._store = self.cache = None
         else:
-            self.cache = s.rows(0, len(self.rows))
+            self.cache = self._store.rows(0, len(self.rows))
+
+    def _move(self, src: int, dst: int) -> None:
+        """Row src's entries and row object into slot dst."""
+        s = self._store
+        used = int(s.lengths[src])
+        s.k[:, dst, :, :used] = s.k[:, src, :, :used]
+        s.v[:, dst, :, :used] = s.v[:, src, :, :used]
+        s.lengths[dst] = used
+        self.rows[dst] = self.rows[src]
 
     def _resize(self, n_rows: int, max_len: int) -> None:
         """Room for n_rows rows of max_len positions; more rows than are asked for when rows are added to

@@ -137,6 +137,7 @@ class FusedProjections:
         # (OWN_PRODUCTS) at every width; set for batch invariance like row_chunks
         self.own_kernels: dict[tuple[int, int], str] = {}
         self.invariant = False  # batch invariance: a draft token's base outputs come from the base rows alone
+        self._kernel_for_both: tuple | None = None  # (own_kernels, the fused weight, _own_kernel_for_both's answer)
 
     def members(self) -> list:
         return [getattr(self.owner, n) for n in self.names]
@@ -258,9 +259,13 @@ class FusedProjections:
         (batch invariance), if they take the same: then one product over both gives the base rows' bits."""
         if quant is not None or not self.own_kernels:
             return None
-        n = self._n_base
-        kernels = {self.own_kernels.get(tuple(w.shape)) for w in (self._weight[:n], self._weight[n:])}
-        return kernels.pop() if len(kernels) == 1 else None
+        known = self._kernel_for_both  # worked out once per choice of kernels and fused weight, not per call
+        if known is None or known[0] is not self.own_kernels or known[1] is not self._weight:
+            n = self._n_base
+            kernels = {self.own_kernels.get(tuple(w.shape)) for w in (self._weight[:n], self._weight[n:])}
+            one = kernels.pop() if len(kernels) == 1 else None
+            known = self._kernel_for_both = (self.own_kernels, self._weight, one)
+        return known[2]
 
     def _drafter_kernel(self, native: bool | str) -> str | None:
         return self.own_kernels.get(tuple(self._block_b.shape), _kernel(native))

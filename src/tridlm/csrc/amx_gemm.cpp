@@ -1,7 +1,8 @@
 // tridlm's bf16 product for wide forwards on CPUs with AMX (Intel Sapphire Rapids and later):
-// y[M, N] = x[M, K] @ W[N, K]^T (or y += s * x @ W^T in place: gemm_bf16_amx_add_), bf16 in and out, fp32 sums, W in small_gemm.cpp's packed layout
-// [N/32][K/2][32][2]. That layout is already what an AMX B tile wants (16 input pairs x 16 outputs x 2,
-// a row every 128 bytes), so the same packed copy serves both kernels.
+// y[M, N] = x[M, K] @ W[N, K]^T (or y += s * x @ W^T in place: gemm_bf16_amx_add_), bf16 in and out,
+// fp32 sums, W in small_gemm.cpp's packed layout [N/32][K/2][32][2]. That layout is already what an AMX
+// B tile wants (16 input pairs x 16 outputs x 2, a row every 128 bytes), so the same packed copy serves
+// both kernels.
 //
 // Each output is summed over K in one order, 32 inputs per tile step, whatever M is: a row's result does
 // not depend on the rows beside it, at any width (torch's bf16 GEMM changes kernel with the row count).
@@ -85,7 +86,8 @@ inline void store_rows(const float* c, int64_t rows, uint16_t* out, int64_t ldo)
 inline void add_rows(const float* c, int64_t rows, uint16_t* out, int64_t ldo, float scale, const float* row_scale) {
   for (int64_t r = 0; r < rows; ++r) {
     const float s = row_scale ? scale * row_scale[r] : scale;
-    for (int h = 0; h < 2; ++h) add_store16(_mm512_loadu_ps(c + r * kTile + kTileRows * h), s, out + r * ldo + kTileRows * h);
+    for (int h = 0; h < 2; ++h)
+      add_store16(_mm512_loadu_ps(c + r * kTile + kTileRows * h), s, out + r * ldo + kTileRows * h);
   }
 }
 

@@ -30,13 +30,17 @@ template <class T>
 int64_t argmax_row(const T* x, int64_t V, int64_t banned) {
   const float inf = std::numeric_limits<float>::infinity();
   auto at = [&](int64_t i) { return i == banned ? -inf : value(x, i); };
+  auto lanes = [&](int64_t i) {  // values i..i+15, the banned one at -inf
+    const __m512 v = load16(x + i);
+    return banned >= i && banned < i + 16 ? _mm512_mask_mov_ps(v, (__mmask16)(1u << (banned - i)), _mm512_set1_ps(-inf))
+                                          : v;
+  };
   // pass 1: the maximum over ordered values, and whether there is a NaN at all
   __m512 best = _mm512_set1_ps(-inf);
   __mmask16 nan = 0;
   int64_t i = 0;
   for (; i + 16 <= V; i += 16) {
-    __m512 v = load16(x + i);
-    if (banned >= i && banned < i + 16) v = _mm512_mask_mov_ps(v, (__mmask16)(1u << (banned - i)), _mm512_set1_ps(-inf));
+    const __m512 v = lanes(i);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     best = _mm512_max_ps(best, v);
   }
@@ -50,8 +54,7 @@ int64_t argmax_row(const T* x, int64_t V, int64_t banned) {
   // pass 2: the first index holding it (or the first NaN)
   const __m512 mv = _mm512_set1_ps(m);
   for (i = 0; i + 16 <= V; i += 16) {
-    __m512 v = load16(x + i);
-    if (banned >= i && banned < i + 16) v = _mm512_mask_mov_ps(v, (__mmask16)(1u << (banned - i)), _mm512_set1_ps(-inf));
+    const __m512 v = lanes(i);
     const __mmask16 hit = any_nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, mv, _CMP_EQ_OQ);
     if (hit) return i + __builtin_ctz((unsigned)hit);
   }

@@ -1,7 +1,8 @@
 // tridlm's CPU products for narrow forwards (a few tokens: decoding steps, draft and verify blocks).
-// y[M, N] = x[M, K] @ W[N, K]^T (or y += s * x @ W^T in place: gemm_bf16_add_) with bf16 activations and fp32 sums, W held as bf16 values or as int8
-// codes with one scale per row. torch's kernels reach a third to a half of the memory bandwidth on
-// SmolLM2-sized shapes; these stream a packed layout at close to it.
+// y[M, N] = x[M, K] @ W[N, K]^T (or y += s * x @ W^T in place: gemm_bf16_add_) with bf16 activations
+// and fp32 sums, W held as bf16 values or as int8 codes with one scale per row. torch's kernels reach a
+// third to a half of the memory bandwidth on SmolLM2-sized shapes; these stream a packed layout at close
+// to it.
 //
 // Packed layout, both formats: [N/32][K/2][32][2] -- for each tile of 32 output rows, the inputs in
 // pairs, each pair of all 32 rows side by side. One AVX-512 BF16 dot product then adds one input pair

@@ -41,20 +41,11 @@ def _argmax_is_own(logits: torch.Tensor) -> bool:
     if logits.device.type != "cpu" or logits.dtype not in (torch.bfloat16, torch.float32) or not native.loaded():
         return False
     if logits.dtype not in _own_argmax:
-        import time
+        from ..kernels import median_seconds
 
         row = torch.randn(1, logits.shape[-1]).to(logits.dtype)
-
-        def best_of(f) -> float:
-            ts = []
-            for _ in range(7):
-                t0 = time.perf_counter()
-                f()
-                ts.append(time.perf_counter() - t0)
-            return min(ts)
-
-        _own_argmax[logits.dtype] = (best_of(lambda: torch.ops.tridlm.argmax_rows(row, 0))
-                                     < best_of(lambda: ban(row, 0).argmax(-1)))
+        _own_argmax[logits.dtype] = (median_seconds(lambda: torch.ops.tridlm.argmax_rows(row, 0), 7)
+                                     < median_seconds(lambda: ban(row, 0).argmax(-1), 7))
     return _own_argmax[logits.dtype]
 
 

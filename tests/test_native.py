@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_logits_agree, paired_cache_steps, random_model, route_through_graph_layout
+from conftest import assert_logits_agree, paired_cache_steps, random_model, route_through_graph_layout, small_config
 
 from tridlm import lora, native
 from tridlm.fusion import FusedProjections
@@ -338,6 +338,78 @@ def test_norms_take_the_kernel_only_where_it_runs(monkeypatch):
     assert not any(m.native for m in bf16.modules() if isinstance(m, RMSNorm))
     with torch.no_grad():
         bf16(torch.randint(4, 64, (1, 5)))  # torch's formula
+
+
+def rope_inputs(B, T, Hq, Hk, D, gen):
+    """q and k as a forward holds them (views into one [B, T, (Hq + 2 Hk) D] projection output), the
+    model's cos/sin tables for random positions, bf16."""
+    from tridlm.model import rope_frequencies
+
+    qkv = (torch.randn(B, T, (Hq + 2 * Hk) * D, generator=gen) * 4).bfloat16()
+    q, k, _ = qkv.split([Hq * D, Hk * D, Hk * D], dim=-1)
+    q, k = q.reshape(B, T, Hq, D).transpose(1, 2), k.reshape(B, T, Hk, D).transpose(1, 2)
+    inv_freq, _ = rope_frequencies(small_config().rope_parameters, D)
+    freqs = torch.randint(0, 8192, (B, T), generator=gen).float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return q, k, emb.cos().bfloat16()[:, None], emb.sin().bfloat16()[:, None]
+
+
+@needs_native
+def test_the_rope_kernel_gives_torchs_formula_bit_for_bit():
+    """One call for q and k with the eager formula's roundings (each product rounded to bf16, then the
+    sum): equal bits, at one token and many, head sizes 32-128, grouped and plain heads."""
+    from tridlm.model import rotate_half
+
+    gen = torch.Generator().manual_seed(11)
+    for B, T, Hq, Hk, D in ((1, 1, 9, 3, 64), (24, 1, 9, 3, 64), (8, 8, 9, 3, 64), (3, 5, 4, 2, 128),
+                            (2, 33, 2, 2, 32)):
+        q, k, cos, sin = rope_inputs(B, T, Hq, Hk, D, gen)
+        got_q, got_k = torch.ops.tridlm.rope_bf16(q, k, cos, sin)
+        assert got_q.shape == q.shape and got_k.shape == k.shape
+        assert torch.equal(got_q, q * cos + rotate_half(q) * sin)
+        assert torch.equal(got_k, k * cos + rotate_half(k) * sin)
+
+
+@needs_native
+def test_the_rope_kernel_refuses_what_it_cannot_rotate():
+    gen = torch.Generator().manual_seed(12)
+    q, k, cos, sin = rope_inputs(2, 3, 4, 2, 48, gen)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.tridlm.rope_bf16(q, k, cos, sin)
+    q, k, cos, sin = rope_inputs(2, 3, 4, 2, 64, gen)
+    with pytest.raises(RuntimeError, match="cos must be bf16"):
+        torch.ops.tridlm.rope_bf16(q, k, cos[:1], sin[:1])
+
+
+@needs_native
+def test_a_bf16_model_through_the_rope_kernel_gives_the_same_logits():
+    from tridlm.model import Attention
+
+    m = random_model(5, hidden_size=128, intermediate_size=128, num_attention_heads=4,
+                     num_key_value_heads=2).to(torch.bfloat16).set_weight_format("float")
+    layers = [a for a in m.modules() if isinstance(a, Attention)]
+    ids = torch.randint(4, 64, (2, 7))
+    with torch.inference_mode():
+        outs = []
+        for on in (True, False):
+            for a in layers:
+                a.native_rope = on
+            cache = m.new_cache(2, 16)
+            outs.append((m(ids, cache=cache), m(ids[:, :3], cache=cache)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_rope_takes_the_kernel_only_where_it_runs(monkeypatch):
+    from tridlm.model import Attention
+
+    dims = dict(hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    fp32 = random_model(4, **dims).set_weight_format("float")
+    assert not any(a.native_rope for a in fp32.modules() if isinstance(a, Attention))
+    narrow = random_model(4).to(torch.bfloat16).set_weight_format("float")  # head size 8
+    assert not any(a.native_rope for a in narrow.modules() if isinstance(a, Attention))
+    monkeypatch.setattr(native, "unavailable", lambda: "turned off by TRIDLM_NATIVE=0")
+    bf16 = random_model(4, **dims).to(torch.bfloat16).set_weight_format("float")
+    assert not any(a.native_rope for a in bf16.modules() if isinstance(a, Attention))
 
 
 def add_cases():

@@ -197,6 +197,38 @@ def native_norm(model, refresh: bool = False) -> bool:
     return _cached(cache_file(model, "native-norm"), lambda data: bool(data["native"]), measured, refresh)
 
 
+def native_rope(model, refresh: bool = False) -> bool:
+    """Whether the model's attention rotates queries and keys with tridlm's one-call kernel (tridlm.native's
+    rope_bf16, the same bits as torch's formula): where it runs and took less time than the formula at
+    every one of NORM_WIDTHS tokens. Cached per machine like the other choices."""
+    from .native import unavailable
+
+    c = model.config
+    if unavailable() or model.dtype != torch.bfloat16 or model.device.type != "cpu" or c.head_dim % 32:
+        return False
+    from .model import rotate_half
+
+    def measured():
+        def own(q, k, cos, sin):
+            return torch.ops.tridlm.rope_bf16(q, k, cos, sin)
+
+        def torchs(q, k, cos, sin):
+            return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+        ms = {}
+        with torch.inference_mode():
+            for tokens in NORM_WIDTHS:
+                heads = c.num_attention_heads + c.num_key_value_heads
+                qk = torch.randn(tokens, 1, heads, c.head_dim, dtype=torch.bfloat16).transpose(1, 2)
+                q, k = qk.split([c.num_attention_heads, c.num_key_value_heads], dim=1)
+                cos, sin = (torch.randn(tokens, 1, 1, c.head_dim, dtype=torch.bfloat16) for _ in range(2))
+                ms[tokens] = [round(median_seconds(partial(f, q, k, cos, sin), 50) * 1e3, 4) for f in (own, torchs)]
+        on = all(own < theirs for own, theirs in ms.values())
+        return on, {"native": on, "ms": ms}
+
+    return _cached(cache_file(model, "native-rope"), lambda data: bool(data["native"]), measured, refresh)
+
+
 def measure_attention(model, widths=WIDTHS, repeats: int = 5, context: int = 192) -> dict[int, tuple[float, float]]:
     """{width: (seconds through tridlm.native's attention, through torch's)} for one layer's attention of
     that many new tokens over a cache holding `context` entries, as an eager forward runs it."""

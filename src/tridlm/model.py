@@ -101,6 +101,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
         self.qkv = FusedProjections(self, ("q_proj", "k_proj", "v_proj"))
         self.out = FusedProjections(self, ("o_proj",))
+        self.native_rope = False  # tridlm.native's rotary kernel at bf16 inference (TriModeLM.set_weight_format)
 
     def forward(self, x, cos, sin, q_scale, layer: int, ctx: _AttnContext | _JointContext) -> torch.Tensor:
         q, k, v = self.qkv(x, ctx.quant, ctx.native) if ctx.fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
@@ -117,8 +118,12 @@ class Attention(nn.Module):
         q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if self.native_rope and q.dtype == torch.bfloat16 and cos.shape[0] == B and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling():  # one call, the formula's bits (tridlm.native)
+            q, k = torch.ops.tridlm.rope_bf16(q, k, cos, sin)
+        else:
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         if q_scale is not None:  # Llama-4 scaling, applied after RoPE
             q = q * q_scale
         if ctx.native_attention:  # tridlm.native's kernel: cache and new tokens in one softmax
@@ -640,12 +645,14 @@ class TriModeLM(nn.Module):
 
             native_attention_max_tokens = 0 if self.native_attention_unavailable else measured(self)
         self.native_attention_max_tokens = native_attention_max_tokens
-        from .kernels import native_norm
+        from .kernels import native_norm, native_rope
 
-        on = native_norm(self)
+        on, rope = native_norm(self), native_rope(self)
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.native = on
+            elif isinstance(m, Attention):
+                m.native_rope = rope
         return self
 
     def set_batch_invariant(self, on: bool = True) -> TriModeLM:

@@ -3,7 +3,8 @@ and int8 weight-only, bf16 activations, fp32 sums) and attention over a KV cache
 Built once per machine with the system C++ compiler against the installed torch (a few seconds), kept
 under `tridlm.machine.cache_root()/native/`, and loaded as the torch ops `torch.ops.tridlm.gemm_bf16`,
 `gemm_int8` and `attend_bf16`, which torch.compile graphs call like any op; also a bf16 RMSNorm
-(`csrc/rms_norm.cpp`) and greedy picks over a vocabulary (`csrc/argmax.cpp`).
+(`csrc/rms_norm.cpp`), rotary embedding (`csrc/rope.cpp`) and greedy picks over a vocabulary
+(`csrc/argmax.cpp`).
 They need AVX-512 with BF16 dot products (AMD Zen 4, Intel Sapphire Rapids and later); where that, a
 compiler or the build is missing, `unavailable()` says why and tridlm keeps torch's products.
 `TRIDLM_NATIVE=0` turns them off. CPUs with AMX also get `torch.ops.tridlm.gemm_bf16_amx`
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("small_gemm.cpp", "attention.cpp", "amx_gemm.cpp",
-                                                                    "rms_norm.cpp", "argmax.cpp"))
+                                                                    "rms_norm.cpp", "argmax.cpp", "rope.cpp"))
 HEADERS = (Path(__file__).parent / "csrc" / "epilogue.h",)  # included by the sources: part of their hash
 TILE_ROWS, TILE_COLS = 32, 2  # the packed layout's tile: output rows x inputs
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
@@ -173,6 +174,11 @@ def _load() -> str:
     @torch.library.register_fake("tridlm::rms_norm_bf16")
     def _(x, w, eps):
         return torch.empty_like(x)
+
+    @torch.library.register_fake("tridlm::rope_bf16")
+    def _(q, k, cos, sin):
+        return (q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2),
+                k.new_empty(k.shape[0], k.shape[2], k.shape[1], k.shape[3]).transpose(1, 2))
 
     @torch.library.register_fake("tridlm::gemm_bf16_add_")
     def _(y, x, w, row_scale, scale):

@@ -1,0 +1,81 @@
+// Rotary embedding of bf16 queries and keys in one call: x * cos + rotate_half(x) * sin with the roundings
+// of the model's torch formula in eager mode (each product rounded to bf16, then their sum), so its bits
+// are that formula's. Fourteen small ops a layer (two products, a negation, a concatenation and a sum
+// each for q and k, and their views) become one call: most of the rotation's cost at a few tokens.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <tuple>
+
+namespace {
+
+inline __m512 load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+inline __m512 round_bf16(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }  // nearest even
+
+// one head's D values: out[j] = x[j] c[j] - x[j + D/2] s[j], out[j + D/2] = x[j + D/2] c[j + D/2] + x[j] s[j + D/2]
+inline void rotate_head(const uint16_t* x, const uint16_t* c, const uint16_t* s, uint16_t* out, int64_t half) {
+  for (int64_t j = 0; j < half; j += 16) {
+    const __m512 x1 = load16(x + j), x2 = load16(x + half + j);
+    const __m512 lo = _mm512_add_ps(round_bf16(_mm512_mul_ps(x1, load16(c + j))),
+                                    round_bf16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), load16(s + j))));
+    const __m512 hi = _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, load16(c + half + j))),
+                                    round_bf16(_mm512_mul_ps(x1, load16(s + half + j))));
+    _mm256_storeu_si256((__m256i*)(out + j), (__m256i)_mm512_cvtneps_pbh(lo));
+    _mm256_storeu_si256((__m256i*)(out + half + j), (__m256i)_mm512_cvtneps_pbh(hi));
+  }
+}
+
+void check(const at::Tensor& t, const char* name, int64_t B, int64_t T, int64_t D) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(2) == T && t.size(3) == D && t.stride(3) == 1 &&
+                  t.scalar_type() == at::kBFloat16,
+              "rope_bf16: ", name, " must be bf16 [", B, ", heads, ", T, ", ", D, "] with contiguous rows, got ",
+              t.sizes());
+}
+
+// q [B, Hq, T, D], k [B, Hk, T, D], cos and sin [B, 1, T, D] -> rotated q and k, [B, heads, T, D] views of
+// [B, T, heads, D] tensors (the layout the projections had)
+std::tuple<at::Tensor, at::Tensor> rope_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                             const at::Tensor& sin) {
+  TORCH_CHECK(q.dim() == 4, "rope_bf16 takes q as [B, heads, T, D]");
+  const int64_t B = q.size(0), T = q.size(2), D = q.size(3), Hq = q.size(1), Hk = k.size(1);
+  TORCH_CHECK(D % 32 == 0, "rope_bf16 takes head sizes that are a multiple of 32, got ", D);
+  check(q, "q", B, T, D);
+  check(k, "k", B, T, D);
+  check(cos, "cos", B, T, D);
+  check(sin, "sin", B, T, D);
+  TORCH_CHECK(cos.size(1) == 1 && sin.size(1) == 1, "rope_bf16 takes one cos/sin table per token, [B, 1, T, D]");
+  at::Tensor qo = at::empty({B, T, Hq, D}, q.options()), ko = at::empty({B, T, Hk, D}, k.options());
+  const auto* qp = (const uint16_t*)q.data_ptr();
+  const auto* kp = (const uint16_t*)k.data_ptr();
+  const auto* cp = (const uint16_t*)cos.data_ptr();
+  const auto* sp = (const uint16_t*)sin.data_ptr();
+  auto* qop = (uint16_t*)qo.data_ptr();
+  auto* kop = (uint16_t*)ko.data_ptr();
+  const int64_t H = Hq + Hk;
+  at::parallel_for(0, B * T * H, 64, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t bt = u / H, h = u % H, b = bt / T, t = bt % T;
+      const uint16_t* c = cp + b * cos.stride(0) + t * cos.stride(2);
+      const uint16_t* s = sp + b * sin.stride(0) + t * sin.stride(2);
+      if (h < Hq)
+        rotate_head(qp + b * q.stride(0) + h * q.stride(1) + t * q.stride(2), c, s, qop + (bt * Hq + h) * D, D / 2);
+      else
+        rotate_head(kp + b * k.stride(0) + (h - Hq) * k.stride(1) + t * k.stride(2), c, s,
+                    kop + (bt * Hk + h - Hq) * D, D / 2);
+    }
+  });
+  return {qo.transpose(1, 2), ko.transpose(1, 2)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tridlm, m) {
+  m.def("rope_bf16(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(tridlm, CPU, m) { m.impl("rope_bf16", rope_bf16); }

@@ -163,3 +163,42 @@ def test_serve_batch_invariance_implies_bf16():
     args = argparse.Namespace(dtype=None, kernels="eager")
     checked_batch_invariant(args, "cpu")
     assert args.dtype == "bfloat16"
+
+
+@needs_native
+def test_rows_beside_a_lazy_logits_row_get_their_solo_logits(invariant_model, monkeypatch):
+    """A quadratic self-speculation row makes its call return hidden states (its head runs on indexing);
+    the rows beside it then get the head's product here, once for all of them: the bits of their logits
+    must be those they get in a call of their own."""
+    from tridlm.decoding import DecodeBatch, GenerationParams, Row
+    from tridlm.decoding.diffusion import Diffusion
+
+    seen: dict[int, list[torch.Tensor]] = {}
+    consume = Diffusion.consume_decode
+
+    def recording(self, row, plan, logits):
+        seen.setdefault(id(row), []).append(logits.clone())
+        return consume(self, row, plan, logits)
+
+    monkeypatch.setattr(Diffusion, "consume_decode", recording)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(4, 64, (n,), generator=gen).tolist() for n in (5, 9, 4)]
+
+    def row(i, mode):
+        p = GenerationParams(mode=mode, max_new_tokens=10, ignore_eos=True, block_length=4)
+        return Row(prompts[i], p, invariant_model.config)
+
+    with torch.inference_mode():
+        alone = [row(i, "diffusion") for i in range(2)]
+        beside = [row(i, "diffusion") for i in range(2)]
+        for r in alone:
+            b = DecodeBatch(invariant_model, [r])
+            while not b.done:
+                b.step()
+        mixed = DecodeBatch(invariant_model, [beside[0], row(2, "spec-quadratic"), beside[1]])
+        while not mixed.done:
+            mixed.step()
+    for a, b in zip(alone, beside, strict=True):
+        assert len(seen[id(a)]) == len(seen[id(b)]) > 1
+        assert all(torch.equal(x, y) for x, y in zip(seen[id(a)], seen[id(b)], strict=True))
+        assert a.output == b.output

@@ -415,6 +415,13 @@ class TriModeLM(nn.Module):
         native = fused and n_tokens <= self.native_max_tokens and self.dtype == torch.bfloat16 and self.native_kernel
         return fused, quant, native
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head on final hidden states [..., H] (what a forward with return_hidden leaves out), through the
+        products a forward of that many tokens takes: the bits the forward's own head gives these rows where
+        products are row-invariant (set_batch_invariant)."""
+        fused, quant, native = self._products(hidden.numel() // hidden.shape[-1])
+        return self.head(hidden, quant, native)[0] if fused else self.diffusion_head(hidden)
+
     def _fused(self) -> bool:
         """Projections fused (tridlm.fusion) and tridlm's kernels allowed: at inference, not when gradients flow."""
         return self.fuse_projections and not torch.is_grad_enabled()

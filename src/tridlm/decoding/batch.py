@@ -187,12 +187,16 @@ class DecodeBatch:
                     return_hidden=any(p.lazy_logits for p in plans))
 
     def _logits(self, plans: list[Plan], out: torch.Tensor, hidden: bool) -> list:
-        """Each row's logits from a call's output (final hidden states where `hidden`: the head runs here)."""
+        """Each row's logits from a call's output (final hidden states where `hidden`: the head runs here, in
+        one product for the rows that want all their logits -- a head product per row would read the head's
+        weights once per row -- and on indexing for the others)."""
         rows = [out[i, :p.logits_at.numel()] for i, p in enumerate(plans)]
         if not hidden:
             return rows
-        head = self.model.diffusion_head
-        return [LazyLogits(h, head) if p.lazy_logits else head(h) for h, p in zip(rows, plans, strict=True)]
+        whole = [h for h, p in zip(rows, plans, strict=True) if not p.lazy_logits]
+        logits = iter(self.model.logits(torch.cat(whole)).split([h.shape[0] for h in whole]) if whole else ())
+        return [LazyLogits(h, self.model.logits) if p.lazy_logits else next(logits)
+                for h, p in zip(rows, plans, strict=True)]
 
 
 @dataclass
@@ -227,8 +231,9 @@ def step_together(batches: list[DecodeBatch]) -> list[BatchStep | None]:
 
 
 class LazyLogits:
-    """Logits computed on indexing, from final hidden states [k, H]: a plan that reads only a few of
-    many positions (quadratic self-speculation) skips the head -- and a [k, V] tensor -- elsewhere."""
+    """Logits computed on indexing, from final hidden states [k, H] (`head`: TriModeLM.logits): a plan that
+    reads only a few of many positions (quadratic self-speculation) skips the head -- and a [k, V] tensor
+    -- elsewhere."""
 
     def __init__(self, hidden: torch.Tensor, head):
         self.hidden, self.head = hidden, head

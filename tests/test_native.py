@@ -499,3 +499,29 @@ def test_greedy_picks_the_same_ids_through_either_argmax(monkeypatch):
         monkeypatch.setattr(sampling, "_own_argmax", {torch.bfloat16: own})
         assert torch.equal(sampling.greedy(logits, 7), logits.float().clone().index_fill_(1, torch.tensor([7]),
                                                                                             float("-inf")).argmax(-1))
+
+
+@needs_native
+def test_kv_write_stores_each_rows_entries_after_its_own_length():
+    """The one-call write of rows at different lengths against KVCache.write's indexing, through a view of
+    some rows of a larger cache (as a batch holds its rows): the same entries, nothing else touched, and a
+    row that would overflow refused before anything is written."""
+    from tridlm.cache import KVCache
+
+    gen = torch.Generator().manual_seed(13)
+    for dtype in (torch.bfloat16, torch.float32):
+        store = KVCache(2, 7, 3, 64, 24, dtype=dtype)
+        store.k.normal_(generator=gen)
+        store.v.normal_(generator=gen)
+        store.lengths.copy_(torch.tensor([5, 0, 3, 11, 2, 20, 9]))
+        ref = store.clone()
+        rows, theirs = store.rows(1, 6), ref.rows(1, 6)
+        k, v = (torch.randn(5, 4, 3, 64, generator=gen).to(dtype).transpose(1, 2) for _ in range(2))
+        theirs.write(1, k, v, None)
+        torch.ops.tridlm.kv_write(rows.k[1], rows.v[1], rows.lengths, k, v)
+        assert torch.equal(store.k, ref.k) and torch.equal(store.v, ref.v)
+        before = store.k.clone()
+        five = torch.ones(5, 3, 5, 64, dtype=dtype)  # store row 5 holds 20 of 24 slots
+        with pytest.raises(RuntimeError, match="do not fit"):
+            torch.ops.tridlm.kv_write(rows.k[1], rows.v[1], rows.lengths, five, five)
+        assert torch.equal(store.k, before)

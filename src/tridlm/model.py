@@ -231,6 +231,8 @@ class _AttnContext:
                                            q.shape[-1] ** -0.5)  # [B, T, H, D]
         if self.static:
             self.new_kv.append((k, v))
+        elif self.write and self.uniform is None:  # rows at different lengths: one call, not an index_put
+            torch.ops.tridlm.kv_write(c.k[layer], c.v[layer], c.lengths, k, v)
         elif self.write:
             c.write(layer, k, v, self.uniform)
         return out.transpose(1, 2)

@@ -192,6 +192,10 @@ def _load() -> str:
     def _(x, banned):
         return x.new_empty(x.shape[:-1], dtype=torch.long)
 
+    @torch.library.register_fake("tridlm::kv_write")
+    def _(k_cache, v_cache, lengths, k_new, v_new):
+        return None
+
     @torch.library.register_fake("tridlm::attend_bf16")
     def _(q, k_cache, v_cache, lengths, k_new, v_new, mask, scale):
         b, h, t, d = q.shape

@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -165,11 +166,52 @@ at::Tensor attend_bf16(const at::Tensor& q, const at::Tensor& k_cache, const at:
   return out;
 }
 
+// k_cache[b, :, lengths[b] + t] = k_new[b, :, t] (and v): a forward's new keys and values stored after each
+// row's entries, rows at different lengths in one call (torch's advanced indexing takes several ops and
+// index tensors a layer). The lengths are not advanced here: the caller does that once per forward.
+void kv_write(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& lengths, const at::Tensor& k_new,
+              const at::Tensor& v_new) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_new.dim() == 4, "kv_write takes [B, heads, slots, D] caches and new entries");
+  const int64_t B = k_cache.size(0), H = k_cache.size(1), S = k_cache.size(2), D = k_cache.size(3), T = k_new.size(2);
+  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&k_cache, "k_cache"}, {&v_cache, "v_cache"},
+                         {&k_new, "k_new"}, {&v_new, "v_new"}}) {
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == H && t->size(3) == D && t->stride(3) == 1 &&
+                    t->scalar_type() == k_cache.scalar_type(),
+                "kv_write: ", name, " must be [", B, ", ", H, ", n, ", D, "] of the cache's dtype, rows contiguous");
+  }
+  TORCH_CHECK(v_cache.size(2) == S && v_new.size(2) == T, "kv_write: mismatched lengths");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.numel() == B, "kv_write takes int64 lengths [B]");
+  const at::Tensor len = lengths.contiguous();
+  const int64_t* lp = len.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lp[b] >= 0 && lp[b] + T <= S, "kv_write: row ", b, " holds ", lp[b], " entries; ", T,
+                " more do not fit in ", S, " slots");
+  const int64_t bytes = D * k_cache.element_size();
+  at::parallel_for(0, B * H, 16, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / H, h = u % H;
+      for (auto [cache, fresh] : {std::pair{&k_cache, &k_new}, {&v_cache, &v_new}}) {
+        char* dst = (char*)cache->data_ptr() + (b * cache->stride(0) + h * cache->stride(1) + lp[b] * cache->stride(2)) *
+                                                   cache->element_size();
+        const char* src = (const char*)fresh->data_ptr() + (b * fresh->stride(0) + h * fresh->stride(1)) *
+                                                               fresh->element_size();
+        for (int64_t t = 0; t < T; ++t)
+          std::memcpy(dst + t * cache->stride(2) * cache->element_size(),
+                      src + t * fresh->stride(2) * fresh->element_size(), bytes);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tridlm, m) {
   m.def("attend_bf16(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, Tensor k_new, Tensor v_new, "
         "Tensor mask, float scale) -> Tensor");
+  m.def("kv_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor lengths, Tensor k_new, Tensor v_new) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(tridlm, CPU, m) { m.impl("attend_bf16", attend_bf16); }
+TORCH_LIBRARY_IMPL(tridlm, CPU, m) {
+  m.impl("attend_bf16", attend_bf16);
+  m.impl("kv_write", kv_write);
+}

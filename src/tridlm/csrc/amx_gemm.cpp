@@ -116,7 +116,8 @@ at::Tensor amx_product(const at::Tensor& x, const at::Tensor& w, at::Tensor* add
   };
   const int64_t full = M / kTile * kTile, rest = M - full;  // blocks of 32 rows, then what is left
   // Beside full blocks, the rest is copied into a zeroed block of 32 rows: every block then takes one tile
-  // configuration (loading one costs more than the padding rows' sums). Each row's sums are the same.
+  // configuration (loading one costs more than the padding rows' sums), and a rest of at most 16 rows sums
+  // only the first 16 (the configuration's first row group). Each row's sums are the same.
   at::Tensor padded;
   const uint16_t* rp = xp + full * ldx;
   int64_t ldr = ldx;
@@ -126,7 +127,7 @@ at::Tensor amx_product(const at::Tensor& x, const at::Tensor& w, at::Tensor* add
     rp = (const uint16_t*)padded.data_ptr();
     ldr = K;
   }
-  const int64_t rest_rows = full && rest ? kTile : rest;  // the rows the last block's tiles hold
+  const int64_t rest_rows = full && rest ? kTile : rest;  // the rows the tile configuration gives the last block
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     alignas(64) float c[kTile * kTile];
     int64_t configured = -1;  // the row count the tile registers are set up for
@@ -139,7 +140,7 @@ at::Tensor amx_product(const at::Tensor& x, const at::Tensor& w, at::Tensor* add
       }
       if (rest) {
         if (configured != rest_rows) configure(configured = rest_rows);
-        if (rest_rows > kTileRows) block<true>(rp, ldr, wt, K, c);
+        if (rest > kTileRows) block<true>(rp, ldr, wt, K, c);
         else block<false>(rp, ldr, wt, K, c);
         put(c, rest, full, t);
       }

@@ -206,14 +206,17 @@ def native_rope(model, refresh: bool = False) -> bool:
     c = model.config
     if unavailable() or model.dtype != torch.bfloat16 or model.device.type != "cpu" or c.head_dim % 32:
         return False
-    from .model import rotate_half
 
     def measured():
         def own(q, k, cos, sin):
             return torch.ops.tridlm.rope_bf16(q, k, cos, sin)
 
-        def torchs(q, k, cos, sin):
-            return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        def torchs(q, k, cos, sin):  # the model's formula (model.rotate_half), the ops it runs
+            def rotated(x):
+                x1, x2 = x.chunk(2, dim=-1)
+                return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+            return rotated(q), rotated(k)
 
         ms = {}
         with torch.inference_mode():

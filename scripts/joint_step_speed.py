@@ -1,7 +1,8 @@
 """What a server step costs when its batches step apart and when they share one forward
 (`tridlm.decoding.step_together`): an AR batch and a diffusion batch of the default model, the shapes the
-mixed load gives (24 AR rows and 8 diffusion rows by default), stepped one after the other and then
-together, in the same process, medians of repeats.
+mixed load gives (24 AR rows and 8 diffusion rows by default; `--quadratic-rows` adds spec-quadratic rows
+to the diffusion batch, as a server's width classes do), stepped one after the other and then together,
+in the same process, medians of repeats.
 
     python scripts/joint_step_speed.py --threads 2 --batch-invariant      # as the mixed-load runs serve
 
@@ -29,6 +30,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="default", help="a folder, 'default' or 'smollm2'")
     p.add_argument("--ar-rows", type=int, default=24)
     p.add_argument("--diffusion-rows", type=int, default=8)
+    p.add_argument("--quadratic-rows", type=int, default=0, metavar="N",
+                   help="N greedy spec-quadratic rows (the default block) in the diffusion batch, as a server's "
+                        "width class puts them: their logits are read on demand, the others' in one product")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the model's)")
@@ -72,10 +76,15 @@ def main(argv=None) -> int:
 
         with torch.inference_mode():
             ar, diffusion = batch("ar", args.ar_rows), batch("diffusion", args.diffusion_rows)
+            if args.quadratic_rows:
+                quadratic = GenerationParams(mode="spec-quadratic", max_new_tokens=256, ignore_eos=True)
+                diffusion.add(*[Row(tok.encode(PROMPTS[i % len(PROMPTS)]), quadratic, model.config, tok)
+                                for i in range(args.quadratic_rows)])
             for _ in range(6):  # prefills and first blocks, out of the numbers
                 step_together([ar, diffusion])
             out = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "ar_rows": args.ar_rows,
-                   "diffusion_rows": args.diffusion_rows, "batch_invariant": args.batch_invariant,
+                   "diffusion_rows": args.diffusion_rows, "quadratic_rows": args.quadratic_rows,
+                   "batch_invariant": args.batch_invariant,
                    "dtype": str(model.dtype).removeprefix("torch."), "ms": {}}
             ms = out["ms"]
             ms["ar"] = timed(ar.step)

@@ -16,7 +16,8 @@ request latency over all rounds' requests, and the mean tokens per forward the s
 turn (ar, diffusion, spec, spec-quadratic), every knob at the server's default (no block_length);
 each distinct request is first run alone (after a warm-up, `--solo-repeats` times: its solo latency is
 the median), and the report says how many failed, how many differ from their solo run, p50/p95/p99
-latency per mode, and the p95 over requests of latency / solo latency. `--rounds` (default 1 here)
+latency per mode, the p95 over requests of latency / solo latency and the modes of the requests at or
+above it. `--rounds` (default 1 here)
 repeats the whole load: the percentiles pool every round's requests, and each round's own figures
 are listed beside them.
 
@@ -171,6 +172,8 @@ async def run_mixed(url: str, key: str | None, clients: int, per_client: int, ma
     differs = [b for b, _, out, _ in results if "error" not in out and out["choices"][0]["text"]
                != solo[json.dumps(b, sort_keys=True)][1]["choices"][0]["text"]]
     ratios = over_solo(results)
+    p95 = percentile(ratios, 0.95)
+    top = [b["mode"] for r, (b, *_) in zip(ratios, results, strict=True) if r >= p95]  # who sets the p95
     per_mode = {}
     for m in MIXED_MODES:
         lat = [took for b, took, *_ in results if b["mode"] == m]
@@ -182,7 +185,8 @@ async def run_mixed(url: str, key: str | None, clients: int, per_client: int, ma
                            "p99_s": percentile(lat, 0.99)}
     return {"clients": clients, "per_client": per_client, "max_tokens": max_tokens, "rounds": rounds,
             "solo_repeats": solo_repeats, "wall_s": wall / rounds, "requests": len(results), "failed": failed,
-            "differ_from_solo": len(differs), "p95_latency_over_solo": percentile(ratios, 0.95),
+            "differ_from_solo": len(differs), "p95_latency_over_solo": p95,
+            "at_or_above_p95_by_mode": {m: top.count(m) for m in MIXED_MODES},
             "median_latency_over_solo": percentile(ratios, 0.5), "per_mode": per_mode, "per_round": per_round,
             # the median latency / solo of each client's first, second, ... request: the first ones start together
             "median_over_solo_by_turn": [percentile([r for r, res in zip(ratios, results, strict=True) if res[3] == k],

@@ -170,9 +170,10 @@ def test_rows_beside_a_lazy_logits_row_get_their_solo_logits(invariant_model, mo
     """A quadratic self-speculation row makes its call return hidden states (its head runs on indexing);
     the rows beside it then get the head's product here, once for all of them: the bits of their logits
     must be those they get in a call of their own."""
-    from tridlm.decoding import DecodeBatch, GenerationParams, Row
+    from tridlm.decoding import DecodeBatch, GenerationParams, Row, spec_quadratic
     from tridlm.decoding.diffusion import Diffusion
 
+    monkeypatch.setattr(spec_quadratic, "LAZY_LOGITS_ABOVE", 0)  # every cycle reads its logits on demand
     seen: dict[int, list[torch.Tensor]] = {}
     consume = Diffusion.consume_decode
 
@@ -202,3 +203,21 @@ def test_rows_beside_a_lazy_logits_row_get_their_solo_logits(invariant_model, mo
         assert len(seen[id(a)]) == len(seen[id(b)]) > 1
         assert all(torch.equal(x, y) for x, y in zip(seen[id(a)], seen[id(b)], strict=True))
         assert a.output == b.output
+
+
+@needs_native
+def test_quadratic_speculation_gives_the_same_tokens_with_logits_on_demand_or_in_the_forward(invariant_model,
+                                                                                            monkeypatch):
+    from tridlm.decoding import spec_quadratic
+
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(4, 64, (n,), generator=gen).tolist() for n in (4, 10)]
+    got = []
+    with torch.inference_mode():
+        for above in (0, 1000):  # lazy every cycle, then never
+            monkeypatch.setattr(spec_quadratic, "LAZY_LOGITS_ABOVE", above)
+            out = invariant_model.generate(prompts, "spec-quadratic", max_new_tokens=12, ignore_eos=True,
+                                           block_length=3)
+            got.append([r.ids for r in out.rows])
+        ar = invariant_model.generate(prompts, "ar", max_new_tokens=12, ignore_eos=True)
+    assert got[0] == got[1] == [r.ids for r in ar.rows]

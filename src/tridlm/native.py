@@ -26,7 +26,7 @@ import torch
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("small_gemm.cpp", "attention.cpp", "amx_gemm.cpp",
                                                                     "rms_norm.cpp", "argmax.cpp", "rope.cpp"))
-HEADERS = (Path(__file__).parent / "csrc" / "epilogue.h",)  # included by the sources: part of their hash
+HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("bf16.h", "epilogue.h"))  # part of the hash
 TILE_ROWS, TILE_COLS = 32, 2  # the packed layout's tile: output rows x inputs
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 AMX_FLAGS = ("amx_tile", "amx_bf16")

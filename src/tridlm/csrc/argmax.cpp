@@ -8,22 +8,15 @@
 #include <immintrin.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
+
+#include "bf16.h"
 
 namespace {
 
-inline __m512 load16(const uint16_t* p) {  // bf16 -> fp32, exact
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }  // beside bf16.h's, for fp32 rows
 
-inline float value(const uint16_t* p, int64_t i) {
-  uint32_t u = (uint32_t)p[i] << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float value(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
 inline float value(const float* p, int64_t i) { return p[i]; }
 
 template <class T>

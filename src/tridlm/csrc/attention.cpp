@@ -13,15 +13,14 @@
 #include <limits>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
 constexpr int64_t kChunk = 32;   // bf16 values in one 512-bit register
 constexpr int kMaxChunks = 4;    // head sizes up to 128
 constexpr int kRowsAtOnce = 4;   // query rows that share each key and value load
 
-inline __m512 widen(const uint16_t* p) {  // 16 bf16 -> fp32, exact
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
 
 // e^x for x <= 0 (scores minus their maximum); -inf gives exactly 0. Cody-Waite reduction to
 // r in [-ln2/2, ln2/2] and a degree-6 polynomial: within ~2 ulp of e^x
@@ -95,7 +94,7 @@ void attend_rows(const uint16_t* const* q, int chunks, Keys kc, Keys kn, Keys vc
   for (int64_t j = 0; j < n; ++j) {
     const uint16_t* v = j < kc.n ? vc.p + j * vc.stride : vn.p + (j - kc.n) * vn.stride;
     for (int c = 0; c < wide; ++c) {
-      const __m512 vv = widen(v + 16 * c);
+      const __m512 vv = load16(v + 16 * c);
       for (int r = 0; r < R; ++r) o[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[r * ld + j]), vv, o[r][c]);
     }
   }

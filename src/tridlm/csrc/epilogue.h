@@ -6,12 +6,14 @@
 #include <ATen/ATen.h>
 #include <immintrin.h>
 
+#include "bf16.h"
+
 namespace {
 
 inline void add_store16(__m512 sums, float s, uint16_t* y) {
   const __m512 d = _mm512_mul_ps(sums, _mm512_set1_ps(s));
   const __m256i yb = _mm256_loadu_si256((const __m256i*)y);
-  const __m512 yf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(yb), 16));
+  const __m512 yf = widen16(yb);
   const __m256i r = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(yf, d));  // nearest even
   const __mmask16 zero = _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_EQ_OQ);
   _mm256_storeu_si256((__m256i*)y, _mm256_mask_blend_epi16(zero, r, yb));

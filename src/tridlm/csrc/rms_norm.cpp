@@ -8,24 +8,10 @@
 #include <immintrin.h>
 
 #include <cmath>
-#include <cstring>
+
+#include "bf16.h"
 
 namespace {
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t u = (uint32_t)v << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as _mm512_cvtneps_pbh does
-  return (uint16_t)_mm_cvtsi128_si32((__m128i)_mm_cvtneps_pbh(_mm_set_ss(f)));
-}
-
-inline __m512 load16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
 
 void norm_row(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t H, float eps) {
   __m512 acc = _mm512_setzero_ps();
@@ -40,7 +26,7 @@ void norm_row(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t H, fl
   const __m512 rv = _mm512_set1_ps(r);
   h = 0;
   for (; h + 16 <= H; h += 16) {
-    __m512 y = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(_mm512_mul_ps(load16(x + h), rv)));  // x * r, rounded
+    __m512 y = round_bf16(_mm512_mul_ps(load16(x + h), rv));  // x * r, rounded
     _mm256_storeu_si256((__m256i*)(out + h), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(load16(w + h), y)));
   }
   for (; h < H; ++h)

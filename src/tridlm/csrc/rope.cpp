@@ -9,13 +9,9 @@
 
 #include <tuple>
 
+#include "bf16.h"
+
 namespace {
-
-inline __m512 load16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
-inline __m512 round_bf16(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }  // nearest even
 
 // one head's D values: out[j] = x[j] c[j] - x[j + D/2] s[j], out[j + D/2] = x[j + D/2] c[j + D/2] + x[j] s[j + D/2]
 inline void rotate_head(const uint16_t* x, const uint16_t* c, const uint16_t* s, uint16_t* out, int64_t half) {

@@ -17,9 +17,8 @@ turn (ar, diffusion, spec, spec-quadratic), every knob at the server's default (
 each distinct request is first run alone (after a warm-up, `--solo-repeats` times: its solo latency is
 the median), and the report says how many failed, how many differ from their solo run, p50/p95/p99
 latency per mode, the p95 over requests of latency / solo latency and the modes of the requests at or
-above it. `--rounds` (default 1 here)
-repeats the whole load: the percentiles pool every round's requests, and each round's own figures
-are listed beside them.
+above it. `--rounds` (default 1 here) repeats the whole load: the percentiles pool every round's
+requests, and each round's own figures are listed beside them.
 
 --scenario abuse: one client sends the widest requests the server's limits allow, back to back,
 while --small-clients others each send --small-requests 2-token AR requests; reported: the small
@@ -166,8 +165,9 @@ async def run_mixed(url: str, key: str | None, clients: int, per_client: int, ma
             await asyncio.gather(*(c.aclose() for c in conns))
         wall += took
         results += mine
-        per_round.append({"wall_s": took, "p95_latency_over_solo": percentile(over_solo(mine), 0.95),
-                          "median_latency_over_solo": percentile(over_solo(mine), 0.5)})
+        theirs = over_solo(mine)
+        per_round.append({"wall_s": took, "p95_latency_over_solo": percentile(theirs, 0.95),
+                          "median_latency_over_solo": percentile(theirs, 0.5)})
     failed = sum("error" in out for _, _, out, _ in results)
     differs = [b for b, _, out, _ in results if "error" not in out and out["choices"][0]["text"]
                != solo[json.dumps(b, sort_keys=True)][1]["choices"][0]["text"]]

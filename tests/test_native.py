@@ -502,10 +502,11 @@ def test_greedy_picks_the_same_ids_through_either_argmax(monkeypatch):
 
 
 @needs_native
-def test_kv_write_stores_each_rows_entries_after_its_own_length():
-    """The one-call write of rows at different lengths against KVCache.write's indexing, through a view of
-    some rows of a larger cache (as a batch holds its rows): the same entries, nothing else touched, and a
-    row that would overflow refused before anything is written."""
+def test_kv_write_stores_each_rows_entries_after_its_own_length(monkeypatch):
+    """The one-call write of rows at different lengths against slice assignments row by row, through a view
+    of some rows of a larger cache (as a batch holds its rows): the same entries, nothing else touched, and
+    a row that would overflow refused before anything is written. KVCache.write gives the same through the
+    op and through torch's indexing (where the op is not loaded)."""
     from tridlm.cache import KVCache
 
     gen = torch.Generator().manual_seed(13)
@@ -515,11 +516,20 @@ def test_kv_write_stores_each_rows_entries_after_its_own_length():
         store.v.normal_(generator=gen)
         store.lengths.copy_(torch.tensor([5, 0, 3, 11, 2, 20, 9]))
         ref = store.clone()
-        rows, theirs = store.rows(1, 6), ref.rows(1, 6)
+        rows = store.rows(1, 6)
         k, v = (torch.randn(5, 4, 3, 64, generator=gen).to(dtype).transpose(1, 2) for _ in range(2))
-        theirs.write(1, k, v, None)
+        for b in range(5):
+            n = int(ref.lengths[1 + b])
+            ref.k[1, 1 + b, :, n:n + 4], ref.v[1, 1 + b, :, n:n + 4] = k[b], v[b]
+        indexed, through_op = store.clone(), store.clone()
         torch.ops.tridlm.kv_write(rows.k[1], rows.v[1], rows.lengths, k, v)
         assert torch.equal(store.k, ref.k) and torch.equal(store.v, ref.v)
+        through_op.rows(1, 6).write(1, k, v, None)
+        with monkeypatch.context() as m:
+            m.setattr(KVCache, "_native_write", lambda *a: False)
+            indexed.rows(1, 6).write(1, k, v, None)
+        for c in (indexed, through_op):
+            assert torch.equal(c.k, ref.k) and torch.equal(c.v, ref.v)
         before = store.k.clone()
         five = torch.ones(5, 3, 5, 64, dtype=dtype)  # store row 5 holds 20 of 24 slots
         with pytest.raises(RuntimeError, match="do not fit"):

@@ -52,11 +52,21 @@ class KVCache:
             self.k[layer, :, :, uniform:uniform + T] = k_new
             self.v[layer, :, :, uniform:uniform + T] = v_new
             return
+        if self._native_write(k_new, v_new):  # rows at different lengths in one call, not index tensors a layer
+            torch.ops.tridlm.kv_write(self.k[layer], self.v[layer], self.lengths, k_new, v_new)
+            return
         slots = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)[None, :]  # [B, T]
         b = torch.arange(self.batch_size, device=slots.device)[:, None].expand_as(slots)
         # advanced indexing puts the indexed dims first: [B, T, H, D]
         self.k[layer][b, :, slots] = k_new.transpose(1, 2)
         self.v[layer][b, :, slots] = v_new.transpose(1, 2)
+
+    def _native_write(self, k_new: torch.Tensor, v_new: torch.Tensor) -> bool:
+        """Whether tridlm.native's kv_write takes this write: its kernels are loaded (the op exists), on the CPU,
+        new entries of the cache's dtype with contiguous rows, no gradient to track, not inside a compiled graph."""
+        return (self.k.device.type == "cpu" and k_new.dtype == v_new.dtype == self.k.dtype
+                and k_new.stride(-1) == 1 and v_new.stride(-1) == 1 and not (k_new.requires_grad or v_new.requires_grad)
+                and not torch.compiler.is_compiling() and hasattr(torch.ops.tridlm, "kv_write"))
 
     def write_layers(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Store every layer's [L, B, H, T, D] at slots lengths[b] + t: one copy per tensor when the rows

@@ -211,13 +211,7 @@ def native_rope(model, refresh: bool = False) -> bool:
         def own(q, k, cos, sin):
             return torch.ops.tridlm.rope_bf16(q, k, cos, sin)
 
-        def torchs(q, k, cos, sin):  # the model's formula (model.rotate_half), the ops it runs
-            def rotated(x):
-                x1, x2 = x.chunk(2, dim=-1)
-                return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-            return rotated(q), rotated(k)
-
+        torchs = model.encoder.layers[0].self_attn.torch_rotate
         ms = {}
         with torch.inference_mode():
             for tokens in NORM_WIDTHS:

@@ -112,18 +112,25 @@ class Attention(nn.Module):
             out = self.attend(q, k, v, _Part(x.shape[0], x.shape[1], cos, sin, q_scale, ctx), layer)
         return self.out(out, ctx.quant, ctx.native)[0] if ctx.fused else self.o_proj(out)
 
+    def rotate(self, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary embedding of q and k [B, heads, T, D]: tridlm.native's one call where set_weight_format chose
+        it (the formula's bits), else `torch_rotate`."""
+        if self.native_rope and q.dtype == torch.bfloat16 and cos.shape[0] == q.shape[0] \
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return torch.ops.tridlm.rope_bf16(q, k, cos, sin)
+        return self.torch_rotate(q, k, cos, sin)
+
+    @staticmethod
+    def torch_rotate(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
     def attend(self, q, k, v, part: _Part, layer: int) -> torch.Tensor:
         """Rotary embedding and attention for one part's projections ([B, T, *] in, [B, T, heads x dim] out)."""
         B, T, cos, sin, q_scale, ctx = part.B, part.T, part.cos, part.sin, part.q_scale, part.ctx
         q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        if self.native_rope and q.dtype == torch.bfloat16 and cos.shape[0] == B and not torch.is_grad_enabled() \
-                and not torch.compiler.is_compiling():  # one call, the formula's bits (tridlm.native)
-            q, k = torch.ops.tridlm.rope_bf16(q, k, cos, sin)
-        else:
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+        q, k = self.rotate(q, k, cos, sin)
         if q_scale is not None:  # Llama-4 scaling, applied after RoPE
             q = q * q_scale
         if ctx.native_attention:  # tridlm.native's kernel: cache and new tokens in one softmax
@@ -231,8 +238,6 @@ class _AttnContext:
                                            q.shape[-1] ** -0.5)  # [B, T, H, D]
         if self.static:
             self.new_kv.append((k, v))
-        elif self.write and self.uniform is None:  # rows at different lengths: one call, not an index_put
-            torch.ops.tridlm.kv_write(c.k[layer], c.v[layer], c.lengths, k, v)
         elif self.write:
             c.write(layer, k, v, self.uniform)
         return out.transpose(1, 2)
@@ -417,11 +422,12 @@ class TriModeLM(nn.Module):
         native = fused and n_tokens <= self.native_max_tokens and self.dtype == torch.bfloat16 and self.native_kernel
         return fused, quant, native
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The head on final hidden states [..., H] (what a forward with return_hidden leaves out), through the
-        products a forward of that many tokens takes: the bits the forward's own head gives these rows where
-        products are row-invariant (set_batch_invariant)."""
-        fused, quant, native = self._products(hidden.numel() // hidden.shape[-1])
+    def logits(self, hidden: torch.Tensor, products: tuple | None = None) -> torch.Tensor:
+        """The head on final hidden states [..., H], through `products` (`_products`' answer for the forward
+        they come from; default: what a forward of that many tokens takes). What a forward with return_hidden
+        leaves out gets here the bits the forward's own head would give where products are row-invariant
+        (set_batch_invariant)."""
+        fused, quant, native = products or self._products(hidden.numel() // hidden.shape[-1])
         return self.head(hidden, quant, native)[0] if fused else self.diffusion_head(hidden)
 
     def _fused(self) -> bool:
@@ -450,7 +456,7 @@ class TriModeLM(nn.Module):
         x = self.encoder.norm(x)
         if logits_at is not None:
             x = torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
-        out = x if return_hidden else self.head(x, ctx.quant, ctx.native)[0] if ctx.fused else self.diffusion_head(x)
+        out = x if return_hidden else self.logits(x, (ctx.fused, ctx.quant, ctx.native))
         if ctx.static:  # the new keys/values, [layers, B, H, T, D], for the caller to store
             return out, torch.stack([k for k, _ in ctx.new_kv]), torch.stack([v for _, v in ctx.new_kv])
         return out
@@ -504,7 +510,7 @@ class TriModeLM(nn.Module):
         heads = [h for h, p in zip(picked, parts, strict=True) if not p.return_hidden]
         if heads:  # one head product for every part that wants logits
             flat = torch.cat([h.reshape(1, -1, h.shape[-1]) for h in heads], dim=1)
-            logits = (self.head(flat, ctx.quant, ctx.native)[0] if ctx.fused else self.diffusion_head(flat))[0]
+            logits = self.logits(flat, (ctx.fused, ctx.quant, ctx.native))[0]
             logits = iter(logits.split([h.shape[0] * h.shape[1] for h in heads]))
         return [h if p.return_hidden else next(logits).view(h.shape[0], h.shape[1], -1)
                 for h, p in zip(picked, parts, strict=True)]

@@ -128,6 +128,20 @@ def test_a_draft_token_beside_base_tokens_gets_the_bits_of_an_all_draft_forward(
     d = draft[..., 0]
     assert torch.equal(mixed[d], all_draft[d])
     assert torch.equal(mixed[~d], no_draft[~d])
+    # a joint forward names the span that holds its drafts (`DraftGate.rows`): the delta is added there only,
+    # with the bits it has in a forward that adds it everywhere
+    draft[:, :9] = draft[:, 31:] = False
+    with torch.inference_mode():
+        gate.value = draft.to(x.dtype)
+        everywhere = group(x)[0]
+        gate.rows = slice(9, 31)
+        spanned = group(x)[0]
+        draft[:, 35] = True  # a draft outside the named span gets no delta: the span is what is read
+        gate.value = draft.to(x.dtype)
+        outside = group(x)[0]
+        gate.value = gate.rows = None
+    assert torch.equal(spanned, everywhere) and torch.equal(outside, everywhere)
+    assert not torch.equal(spanned[:, 9:31], no_draft[:, 9:31])
 
 
 @needs_native

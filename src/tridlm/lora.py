@@ -30,10 +30,12 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 class DraftGate:
-    """Which tokens of the current forward are drafts: None (none), "all", or a [B, T, 1] float mask."""
+    """Which tokens of the current forward are drafts: None (none), "all", or a [B, T, 1] float mask; with a
+    mask, `rows` may name the span of the flattened tokens that holds every draft (None: anywhere)."""
 
     def __init__(self):
         self.value: torch.Tensor | str | None = None
+        self.rows: slice | None = None
 
 
 class LoRALinear(nn.Linear):

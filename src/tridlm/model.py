@@ -461,15 +461,15 @@ class TriModeLM(nn.Module):
             return out, torch.stack([k for k, _ in ctx.new_kv]), torch.stack([v for _, v in ctx.new_kv])
         return out
 
-    def _layers(self, x, cos, sin, q_scale, ctx, gate):
+    def _layers(self, x, cos, sin, q_scale, ctx, gate, draft_rows: slice | None = None):
         if self._draft_gate is not None:
-            self._draft_gate.value = gate
+            self._draft_gate.value, self._draft_gate.rows = gate, draft_rows
         try:
             for i, layer in enumerate(self.encoder.layers):
                 x = layer(x, cos, sin, q_scale, i, ctx)
         finally:
             if self._draft_gate is not None:
-                self._draft_gate.value = None
+                self._draft_gate.value = self._draft_gate.rows = None
         return x
 
     def forward_many(self, calls: list[dict]) -> list[torch.Tensor]:
@@ -496,7 +496,8 @@ class TriModeLM(nn.Module):
             xs.append(x.reshape(1, p.span_len, -1))
             gates.append(gate)
         ctx = _JointContext(parts, *self._products(start))
-        x = self._layers(torch.cat(xs, dim=1), None, None, None, ctx, self._joint_gate(parts, gates))
+        x = self._layers(torch.cat(xs, dim=1), None, None, None, ctx, self._joint_gate(parts, gates),
+                         self._draft_rows(parts, gates))
         for p in parts:
             if p.advance is not None:
                 p.ctx.cache.advance(p.advance)
@@ -525,6 +526,13 @@ class TriModeLM(nn.Module):
                 torch.full((p.span_len,), float(g == "all"), dtype=self.dtype, device=self.device)
                 for g, p in zip(gates, parts, strict=True)]
         return torch.cat(flat)[None, :, None]
+
+    @staticmethod
+    def _draft_rows(parts: list[_Part], gates: list) -> slice | None:
+        """The span of a joint forward's tokens from the first part with drafts to the last: the drafter's
+        delta is added there only (AR rows beside a diffusion batch hold none)."""
+        spans = [p.span for g, p in zip(gates, parts, strict=True) if g is not None]
+        return slice(spans[0].start, spans[-1].stop) if spans else None
 
     @staticmethod
     def _draft_gate_value(draft, pattern, B, T, dtype, device):

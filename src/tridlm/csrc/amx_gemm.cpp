@@ -115,19 +115,11 @@ at::Tensor amx_product(const at::Tensor& x, const at::Tensor& w, at::Tensor* add
     else store_rows(c, rows, op + m0 * ldo + t * kTile, ldo);
   };
   const int64_t full = M / kTile * kTile, rest = M - full;  // blocks of 32 rows, then what is left
-  // Beside full blocks, the rest is copied into a zeroed block of 32 rows: every block then takes one tile
-  // configuration (loading one costs more than the padding rows' sums), and a rest of at most 16 rows sums
-  // only the first 16 (the configuration's first row group). Each row's sums are the same.
-  at::Tensor padded;
+  // The rest takes a tile configuration of its own row count, loaded for it after each tile's full blocks
+  // and back after it: two configurations a tile cost less than copying the rest into a zeroed 32-row
+  // block (torch's zeros and copy_ on every call: 2 ms a step of 88 rows over the default model's 30
+  // layers, 2 Xeon cores) and summing its padding. Each row's sums are the same either way.
   const uint16_t* rp = xp + full * ldx;
-  int64_t ldr = ldx;
-  if (full && rest) {
-    padded = at::zeros({kTile, K}, x.options());
-    padded.narrow(0, 0, rest).copy_(xc.narrow(0, full, rest));
-    rp = (const uint16_t*)padded.data_ptr();
-    ldr = K;
-  }
-  const int64_t rest_rows = full && rest ? kTile : rest;  // the rows the tile configuration gives the last block
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     alignas(64) float c[kTile * kTile];
     int64_t configured = -1;  // the row count the tile registers are set up for
@@ -139,9 +131,9 @@ at::Tensor amx_product(const at::Tensor& x, const at::Tensor& w, at::Tensor* add
         put(c, kTile, m0, t);
       }
       if (rest) {
-        if (configured != rest_rows) configure(configured = rest_rows);
-        if (rest > kTileRows) block<true>(rp, ldr, wt, K, c);
-        else block<false>(rp, ldr, wt, K, c);
+        if (configured != rest) configure(configured = rest);
+        if (rest > kTileRows) block<true>(rp, ldx, wt, K, c);
+        else block<false>(rp, ldx, wt, K, c);
         put(c, rest, full, t);
       }
     }

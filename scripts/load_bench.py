@@ -16,9 +16,10 @@ request latency over all rounds' requests, and the mean tokens per forward the s
 turn (ar, diffusion, spec, spec-quadratic), every knob at the server's default (no block_length);
 each distinct request is first run alone (after a warm-up, `--solo-repeats` times: its solo latency is
 the median), and the report says how many failed, how many differ from their solo run, p50/p95/p99
-latency per mode, the p95 over requests of latency / solo latency and the modes of the requests at or
-above it. `--rounds` (default 1 here) repeats the whole load: the percentiles pool every round's
-requests, and each round's own figures are listed beside them.
+latency per mode, the p95 over requests of latency / solo latency, the modes of the requests at or
+above it, and per mode and prompt the solo latency and the median and largest latency / solo. `--rounds`
+(default 1 here) repeats the whole load: the percentiles pool every round's requests, and each round's own
+figures are listed beside them.
 
 --scenario abuse: one client sends the widest requests the server's limits allow, back to back,
 while --small-clients others each send --small-requests 2-token AR requests; reported: the small
@@ -188,9 +189,20 @@ async def run_mixed(url: str, key: str | None, clients: int, per_client: int, ma
             "differ_from_solo": len(differs), "p95_latency_over_solo": p95,
             "at_or_above_p95_by_mode": {m: top.count(m) for m in MIXED_MODES},
             "median_latency_over_solo": percentile(ratios, 0.5), "per_mode": per_mode, "per_round": per_round,
+            # per mode and prompt (each mode meets two of the prompts): a prompt whose solo run is fast sets the p95
+            "by_mode_and_prompt": by_mode_and_prompt(results, ratios, solo),
             # the median latency / solo of each client's first, second, ... request: the first ones start together
             "median_over_solo_by_turn": [percentile([r for r, res in zip(ratios, results, strict=True) if res[3] == k],
                                                     0.5) for k in range(per_client)]}
+
+
+def by_mode_and_prompt(results, ratios: list[float], solo: dict) -> dict:
+    groups: dict[str, list[tuple[dict, float]]] = {}
+    for (b, *_), r in zip(results, ratios, strict=True):
+        groups.setdefault(f"{b['mode']} / {b['prompt']!r}", []).append((b, r))
+    return {k: {"requests": len(v), "solo_s": solo[json.dumps(v[0][0], sort_keys=True)][0],
+                "median_latency_over_solo": percentile([r for _, r in v], 0.5),
+                "max_latency_over_solo": max(r for _, r in v)} for k, v in sorted(groups.items())}
 
 
 async def run_abuse(url: str, key: str | None, limits: dict, small_clients: int, small_requests: int,

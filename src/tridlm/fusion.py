@@ -287,10 +287,11 @@ class FusedProjections:
             return y + (delta if isinstance(gate, str) else delta * gate)
         packed, _ = self._quantized("native-b")
         ys, xs = y.view(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1])
-        row_scale = None if isinstance(gate, str) else gate.reshape(-1).float()
-        rows = self._gate_src.rows if row_scale is not None else None
-        if rows is not None:  # the drafts' span only: every other token's gate is 0, and keeps y's bits anyway
-            ys, xs, row_scale = ys[rows], xs[rows], row_scale[rows]
+        row_scale = rows = None
+        if not isinstance(gate, str):  # the mask over the drafts' span only: every other token's gate is 0
+            row_scale, rows = self._gate_src.row_scale(), self._gate_src.rows
+        if rows is not None:
+            ys, xs = ys[rows], xs[rows]
         OWN_PRODUCTS_ADD[kernel](ys, xs, packed, row_scale, self._scaling)
         return y
 

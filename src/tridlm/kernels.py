@@ -168,62 +168,56 @@ def native_kernel(model, refresh: bool = False) -> str:
 NORM_WIDTHS = (1, 128)  # a decoding step's rows, a wide step's or a prefill chunk's
 
 
-def native_norm(model, refresh: bool = False) -> bool:
-    """Whether the model's RMSNorms take tridlm's one-pass kernel (tridlm.native's rms_norm_bf16) on this
-    machine: where it runs and took less time than torch's formula at every one of NORM_WIDTHS rows.
-    Cached per machine like the other choices."""
-    from .native import unavailable
-
-    if unavailable() or model.dtype != torch.bfloat16 or model.device.type != "cpu":
-        return False
-
+def _own_if_faster(model, name: str, own, torchs, inputs, refresh: bool) -> bool:
+    """Whether tridlm's kernel `own` replaces torch's `torchs` (the same result) on this machine: it took less
+    time at every one of NORM_WIDTHS, each width's arguments made by `inputs(width)`. Cached per machine
+    under `name` like the other choices."""
     def measured():
-        norm = model.encoder.norm
-
-        def own(x):
-            return torch.ops.tridlm.rms_norm_bf16(x, norm.weight, norm.eps)
-
-        def torchs(x):
-            return norm.torch_forward(x)
-
         ms = {}
         with torch.inference_mode():
-            for rows in NORM_WIDTHS:
-                x = torch.randn(rows, model.config.hidden_size, dtype=torch.bfloat16)
-                ms[rows] = [round(median_seconds(partial(f, x), 50) * 1e3, 4) for f in (own, torchs)]
-        on = all(own < theirs for own, theirs in ms.values())
+            for width in NORM_WIDTHS:
+                args = inputs(width)
+                ms[width] = [round(median_seconds(partial(f, *args), 50) * 1e3, 4) for f in (own, torchs)]
+        on = all(mine < theirs for mine, theirs in ms.values())
         return on, {"native": on, "ms": ms}
 
-    return _cached(cache_file(model, "native-norm"), lambda data: bool(data["native"]), measured, refresh)
+    return _cached(cache_file(model, name), lambda data: bool(data["native"]), measured, refresh)
+
+
+def _native_here(model) -> bool:
+    from .native import unavailable
+
+    return not unavailable() and model.dtype == torch.bfloat16 and model.device.type == "cpu"
+
+
+def native_norm(model, refresh: bool = False) -> bool:
+    """Whether the model's RMSNorms take tridlm's one-pass kernel (tridlm.native's rms_norm_bf16) on this
+    machine: where it runs and took less time than torch's formula at every one of NORM_WIDTHS rows."""
+    if not _native_here(model):
+        return False
+    norm = model.encoder.norm
+    return _own_if_faster(model, "native-norm", lambda x: torch.ops.tridlm.rms_norm_bf16(x, norm.weight, norm.eps),
+                          norm.torch_forward,
+                          lambda rows: (torch.randn(rows, model.config.hidden_size, dtype=torch.bfloat16),),
+                          refresh)
 
 
 def native_rope(model, refresh: bool = False) -> bool:
     """Whether the model's attention rotates queries and keys with tridlm's one-call kernel (tridlm.native's
     rope_bf16, the same bits as torch's formula): where it runs and took less time than the formula at
-    every one of NORM_WIDTHS tokens. Cached per machine like the other choices."""
-    from .native import unavailable
-
+    every one of NORM_WIDTHS tokens."""
     c = model.config
-    if unavailable() or model.dtype != torch.bfloat16 or model.device.type != "cpu" or c.head_dim % 32:
+    if not _native_here(model) or c.head_dim % 32:
         return False
 
-    def measured():
-        def own(q, k, cos, sin):
-            return torch.ops.tridlm.rope_bf16(q, k, cos, sin)
+    def inputs(tokens):
+        qk = torch.randn(tokens, 1, c.num_attention_heads + c.num_key_value_heads, c.head_dim,
+                         dtype=torch.bfloat16).transpose(1, 2)
+        q, k = qk.split([c.num_attention_heads, c.num_key_value_heads], dim=1)
+        return (q, k, *(torch.randn(tokens, 1, 1, c.head_dim, dtype=torch.bfloat16) for _ in range(2)))
 
-        torchs = model.encoder.layers[0].self_attn.torch_rotate
-        ms = {}
-        with torch.inference_mode():
-            for tokens in NORM_WIDTHS:
-                heads = c.num_attention_heads + c.num_key_value_heads
-                qk = torch.randn(tokens, 1, heads, c.head_dim, dtype=torch.bfloat16).transpose(1, 2)
-                q, k = qk.split([c.num_attention_heads, c.num_key_value_heads], dim=1)
-                cos, sin = (torch.randn(tokens, 1, 1, c.head_dim, dtype=torch.bfloat16) for _ in range(2))
-                ms[tokens] = [round(median_seconds(partial(f, q, k, cos, sin), 50) * 1e3, 4) for f in (own, torchs)]
-        on = all(own < theirs for own, theirs in ms.values())
-        return on, {"native": on, "ms": ms}
-
-    return _cached(cache_file(model, "native-rope"), lambda data: bool(data["native"]), measured, refresh)
+    rotate = model.encoder.layers[0].self_attn.torch_rotate
+    return _own_if_faster(model, "native-rope", torch.ops.tridlm.rope_bf16, rotate, inputs, refresh)
 
 
 def measure_attention(model, widths=WIDTHS, repeats: int = 5, context: int = 192) -> dict[int, tuple[float, float]]:

@@ -36,6 +36,18 @@ class DraftGate:
     def __init__(self):
         self.value: torch.Tensor | str | None = None
         self.rows: slice | None = None
+        self._scale: tuple | None = None  # (value, rows, row_scale()'s answer for them)
+
+    def row_scale(self) -> torch.Tensor:
+        """The mask as one fp32 value per flattened token of `rows` (of all tokens without rows): worked out
+        once per value, not in every product of the forward."""
+        known = self._scale
+        if known is None or known[0] is not self.value or known[1] != self.rows:
+            flat = self.value.reshape(-1).float()
+            known = (self.value, self.rows, flat if self.rows is None else flat[self.rows])
+            if not torch.compiler.is_compiling():  # a graph's tensors stay in the graph
+                self._scale = known
+        return known[2]
 
 
 class LoRALinear(nn.Linear):

@@ -7,8 +7,10 @@ import random
 import pytest
 import torch
 from conftest import GreedyContract, assert_logits_agree, random_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tridlm.decoding import POLICIES, DecodeBatch, GenerationParams, Row
+from tridlm.decoding import POLICIES, DecodeBatch, GenerationParams, Row, sampling
 from tridlm.decoding.spec import Spec
 from tridlm.decoding.spec_quadratic import SpecQuadratic
 
@@ -659,3 +661,23 @@ def test_auto_block_length_is_resolved_after_validation(small_vocab, monkeypatch
     fixed = small_vocab.generate([5, 6, 7], "diffusion", block_length=5, max_new_tokens=10, ignore_eos=True)
     assert calls == [1] and auto.ids == fixed.ids
     assert auto.metrics.forwards == fixed.metrics.forwards
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.8999999761581421, 0.9, 0.95, 1.0, float("-inf")])
+                       | st.floats(0.0, 1.0, width=32), min_size=1, max_size=12),
+       open_=st.lists(st.booleans(), min_size=12, max_size=12),
+       policy=st.sampled_from(POLICIES), threshold=st.sampled_from([0.0, 0.5, 0.9, 1.0]), n_min=st.integers(0, 13))
+def test_commit_positions_ranks_as_the_tensor_ops_do(values, open_, policy, threshold, n_min):
+    """The Python ranking of a block's few positions chooses what the sort and threshold tensor ops choose
+    (ties towards the left, the threshold compared in the scores' fp32, never a position that is not
+    masked); a score with a NaN takes the tensor ops themselves."""
+    score = torch.tensor(values, dtype=torch.float32)
+    masked = torch.tensor(open_[:len(values)])
+    if not bool(masked.any()):
+        masked[0] = True
+    got = sampling.commit_positions(score, masked, policy, threshold, n_min)
+    assert got.dtype == torch.bool and not bool((got & ~masked).any())
+    if bool((score[masked] == float("-inf")).any()):
+        return  # the tensor ops may rank an unmasked -inf before a masked one: they are not the reference there
+    assert torch.equal(got, sampling._commit_positions_torch(score, masked, policy, threshold, n_min))

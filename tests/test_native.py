@@ -489,6 +489,43 @@ def test_argmax_rows_is_torchs_argmax_with_the_banned_id_left_out(dtype):
         assert torch.equal(torch.ops.tridlm.argmax_rows(x.view(3, 4, V), 0), ban(x, 0).argmax(-1).view(3, 4))
 
 
+needs_avx512_torch = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                                        reason="torch's CPU kernels run below AVX-512 here: the confidence kernel "
+                                               "is not their bits and is not used")
+
+
+@needs_native
+@needs_avx512_torch
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_confidence_is_torchs_argmax_and_softmax_bit_for_bit(dtype):
+    """The picks of argmax_rows and their probabilities exactly as torch's softmax of the banned fp32 copy
+    gives them (tridlm.decoding.sampling's path without the kernel): vocabularies that are and are not a
+    multiple of 16 lanes, flat and peaked rows, ties, the largest value at the banned id, -inf, a NaN."""
+    from tridlm.decoding.sampling import ban
+
+    gen = torch.Generator().manual_seed(11)
+    for V in (1, 15, 16, 100, 49152, 50000):
+        for spread in (0.1, 1.0, 8.0):
+            x = (torch.randn(10, V, generator=gen) * spread).to(dtype)
+            if V > 3:
+                x[1] = x[1].round()  # ties
+                x[2, 0] = x[2].max() + 1  # the largest value at the banned id
+                x[3, V // 2] = float("-inf")
+                x[4, V // 3] = float("nan")
+                x[5, :] = float("-inf")
+                x[5, V - 1] = 0.0
+            for banned in {0, V // 2, -1}:
+                b = None if banned < 0 else banned
+                ids, conf = torch.ops.tridlm.greedy_confidence(x, banned)
+                expected = ban(x, b).argmax(-1)
+                assert torch.equal(ids, expected), (V, spread, banned)
+                p = ban(x, b).softmax(-1).gather(-1, expected[:, None])[:, 0]
+                assert torch.equal(conf.isnan(), p.isnan()), (V, spread, banned)
+                assert torch.equal(conf.nan_to_num(), p.nan_to_num()), (V, spread, banned)
+    ids, conf = torch.ops.tridlm.greedy_confidence(x.view(2, 5, V), 0)
+    assert ids.shape == conf.shape == (2, 5) and conf.dtype == torch.float32
+
+
 @needs_native
 def test_greedy_picks_the_same_ids_through_either_argmax(monkeypatch):
     from tridlm.decoding import sampling

@@ -25,14 +25,15 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("small_gemm.cpp", "attention.cpp", "amx_gemm.cpp",
-                                                                    "rms_norm.cpp", "argmax.cpp", "rope.cpp"))
+                                                                    "rms_norm.cpp", "argmax.cpp", "rope.cpp",
+                                                                    "confidence.cpp"))
 HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("bf16.h", "epilogue.h"))  # part of the hash
 TILE_ROWS, TILE_COLS = 32, 2  # the packed layout's tile: output rows x inputs
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 AMX_FLAGS = ("amx_tile", "amx_bf16")
 AMX_INPUTS = 32  # gemm_bf16_amx's inputs per tile step: it takes a multiple of this many
 # the AMX instructions are only compiled in; they run only where amx_unavailable() is None
-ARCH = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16")
+ARCH = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16")
 
 _reason: str | None = None  # why they are unavailable; "" once loaded
 _tried = False
@@ -191,6 +192,10 @@ def _load() -> str:
     @torch.library.register_fake("tridlm::argmax_rows")
     def _(x, banned):
         return x.new_empty(x.shape[:-1], dtype=torch.long)
+
+    @torch.library.register_fake("tridlm::greedy_confidence")
+    def _(x, banned):
+        return x.new_empty(x.shape[:-1], dtype=torch.long), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
     @torch.library.register_fake("tridlm::kv_write")
     def _(k_cache, v_cache, lengths, k_new, v_new):

@@ -18,21 +18,17 @@
 #include <immintrin.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
+
+#include "bf16.h"
 
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
 
-inline float widen(const uint16_t* p, int64_t i) {
-  uint32_t u = (uint32_t)p[i] << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float widen(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
 inline float widen(const float* p, int64_t i) { return p[i]; }
 
 // the first index holding `top` (the first NaN where top is one): torch's argmax over the banned copy

@@ -3,8 +3,8 @@ and int8 weight-only, bf16 activations, fp32 sums) and attention over a KV cache
 Built once per machine with the system C++ compiler against the installed torch (a few seconds), kept
 under `tridlm.machine.cache_root()/native/`, and loaded as the torch ops `torch.ops.tridlm.gemm_bf16`,
 `gemm_int8` and `attend_bf16`, which torch.compile graphs call like any op; also a bf16 RMSNorm
-(`csrc/rms_norm.cpp`), rotary embedding (`csrc/rope.cpp`) and greedy picks over a vocabulary
-(`csrc/argmax.cpp`).
+(`csrc/rms_norm.cpp`), rotary embedding (`csrc/rope.cpp`), greedy picks over a vocabulary
+(`csrc/argmax.cpp`) and a greedy diffusion pass's picks with their probabilities (`csrc/confidence.cpp`).
 They need AVX-512 with BF16 dot products (AMD Zen 4, Intel Sapphire Rapids and later); where that, a
 compiler or the build is missing, `unavailable()` says why and tridlm keeps torch's products.
 `TRIDLM_NATIVE=0` turns them off. CPUs with AMX also get `torch.ops.tridlm.gemm_bf16_amx`
@@ -27,7 +27,8 @@ import torch
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("small_gemm.cpp", "attention.cpp", "amx_gemm.cpp",
                                                                     "rms_norm.cpp", "argmax.cpp", "rope.cpp",
                                                                     "confidence.cpp"))
-HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("bf16.h", "epilogue.h"))  # part of the hash
+# included by the sources: part of their hash
+HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("bf16.h", "epilogue.h", "argmax.h"))
 TILE_ROWS, TILE_COLS = 32, 2  # the packed layout's tile: output rows x inputs
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 AMX_FLAGS = ("amx_tile", "amx_bf16")

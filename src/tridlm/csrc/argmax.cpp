@@ -7,56 +7,11 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
-#include <cmath>
-#include <limits>
+#include <vector>
 
-#include "bf16.h"
+#include "argmax.h"
 
 namespace {
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }  // beside bf16.h's, for fp32 rows
-
-inline float value(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
-inline float value(const float* p, int64_t i) { return p[i]; }
-
-template <class T>
-int64_t argmax_row(const T* x, int64_t V, int64_t banned) {
-  const float inf = std::numeric_limits<float>::infinity();
-  auto at = [&](int64_t i) { return i == banned ? -inf : value(x, i); };
-  auto lanes = [&](int64_t i) {  // values i..i+15, the banned one at -inf
-    const __m512 v = load16(x + i);
-    return banned >= i && banned < i + 16 ? _mm512_mask_mov_ps(v, (__mmask16)(1u << (banned - i)), _mm512_set1_ps(-inf))
-                                          : v;
-  };
-  // pass 1: the maximum over ordered values, and whether there is a NaN at all
-  __m512 best = _mm512_set1_ps(-inf);
-  __mmask16 nan = 0;
-  int64_t i = 0;
-  for (; i + 16 <= V; i += 16) {
-    const __m512 v = lanes(i);
-    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    best = _mm512_max_ps(best, v);
-  }
-  float m = _mm512_reduce_max_ps(best);
-  bool any_nan = nan != 0;
-  for (; i < V; ++i) {
-    const float v = at(i);
-    if (std::isnan(v)) any_nan = true;
-    else if (v > m) m = v;
-  }
-  // pass 2: the first index holding it (or the first NaN)
-  const __m512 mv = _mm512_set1_ps(m);
-  for (i = 0; i + 16 <= V; i += 16) {
-    const __m512 v = lanes(i);
-    const __mmask16 hit = any_nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, mv, _CMP_EQ_OQ);
-    if (hit) return i + __builtin_ctz((unsigned)hit);
-  }
-  for (; i < V; ++i) {
-    const float v = at(i);
-    if (any_nan ? std::isnan(v) : v == m) return i;
-  }
-  return 0;  // V == 0 is refused before
-}
 
 at::Tensor argmax_rows(const at::Tensor& x, int64_t banned) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "argmax_rows takes x [..., V] with V > 0");

@@ -22,37 +22,19 @@
 #include <tuple>
 #include <vector>
 
-#include "bf16.h"
+#include "argmax.h"
 
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
 
-inline float widen(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
-inline float widen(const float* p, int64_t i) { return p[i]; }
-
-// the first index holding `top` (the first NaN where top is one): torch's argmax over the banned copy
-int64_t first_index(const float* s, int64_t V, float top) {
-  const bool nan = std::isnan(top);
-  const __m512 t = _mm512_set1_ps(top);
-  int64_t i = 0;
-  for (; i + 16 <= V; i += 16) {
-    const __m512 v = _mm512_loadu_ps(s + i);
-    const __mmask16 hit = nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, t, _CMP_EQ_OQ);
-    if (hit) return i + __builtin_ctz((unsigned)hit);
-  }
-  for (; i < V; ++i)
-    if (nan ? std::isnan(s[i]) : s[i] == top) return i;
-  return 0;
-}
-
 template <class T>
 std::pair<int64_t, float> pick(const T* x, int64_t V, int64_t banned, std::vector<float>& s) {
   s.resize(V);
-  for (int64_t i = 0; i < V; ++i) s[i] = widen(x, i);  // ban(): an exact fp32 copy, the mask id at -inf
+  for (int64_t i = 0; i < V; ++i) s[i] = value(x, i);  // ban(): an exact fp32 copy, the mask id at -inf
   if (banned >= 0 && banned < V) s[banned] = -std::numeric_limits<float>::infinity();
   const float top = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, s.data(), V);
-  const int64_t id = first_index(s.data(), V, top);
+  const int64_t id = first_index(s.data(), V, -1, top, std::isnan(top));  // argmax_row's pick (maximum keeps NaN)
   at::vec::map([top](Vec v) { return (v - Vec(top)).exp(); }, s.data(), s.data(), V);
   float sum = at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, s.data(), V);
   sum = 1 / sum;

@@ -8,6 +8,7 @@ token is banned everywhere: it can never be emitted.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -96,6 +97,12 @@ def sample(logits: torch.Tensor, params, generator: torch.Generator, banned_id: 
 PROBABILITY_POLICIES = ("confidence_threshold", "low_confidence", "leftmost")  # scored by p(token)
 
 
+@functools.cache
+def _torch_at_avx512() -> bool:
+    """Whether torch's CPU kernels run at AVX-512 here (asked once: it does not change in a process)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def greedy_confidence(logits: torch.Tensor, banned_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(greedy(logits), scores(logits, those, "confidence_threshold")) -- a greedy pass's picks and their
     probabilities -- in one native call where its bits are torch's: tridlm.native's kernel runs torch's own
@@ -103,7 +110,7 @@ def greedy_confidence(logits: torch.Tensor, banned_id: int | None) -> tuple[torc
     from .. import native
 
     if (logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float32) and logits.shape[-1]
-            and native.loaded() and torch.backends.cpu.get_cpu_capability() == "AVX512"):
+            and native.loaded() and _torch_at_avx512()):
         return torch.ops.tridlm.greedy_confidence(logits, -1 if banned_id is None else banned_id)
     tokens = greedy(logits, banned_id)
     return tokens, scores(logits, tokens, "confidence_threshold", banned_id)

@@ -3,6 +3,11 @@
 // [T, T] mask, in one softmax. torch's fused CPU kernel costs ~0.1 ms a layer at one token whatever the
 // context (it is built for long query blocks) and a static cache makes it read every slot; this reads
 // only the valid ones. bf16 inputs, fp32 scores, sums and output accumulation, bf16 out.
+//
+// A query's bits depend only on its visible keys and their order (see attend_rows), never on which other
+// rows share its work: the rows of one kv head (its grouped query heads x the new tokens) go through in
+// fours that share each key and value load, scores are summed 16 keys at a time by the same tree as one
+// key at a time, and the maximum and the sums of the softmax run per row.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -41,21 +46,58 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_maskz_mov_ps(seen, _mm512_scalef_ps(p, n));
 }
 
+// a[i] summed across its lanes for 16 vectors at once, each by the tree of _mm512_reduce_add_ps (lanes i and
+// i+8, then i and i+4, i and i+2, i and i+1), so every sum has the bits that call gives it. The sums come out
+// transposed: lane 4l + e holds the sum of a[l + 4e] (callers put key 4l + e in a[l + 4e]).
+inline __m512 reduce_add_16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)  // [a_2i lanes 0-7 + 8-15 | a_2i+1 likewise]
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // four 4-lane partial sums per vector, one per 128-bit lane
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // lanes i and i+2 inside each 128-bit lane
+    d[i] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0x44), _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));  // i and i+1
+}
+
 struct Keys {  // one head's keys or values: `n` rows of `stride` elements
   const uint16_t* p;
   int64_t stride, n;
 };
 
-// rows [0, R) of one query head: scores over the cache's keys, then the new tokens' keys
-template <int R>
-void attend_rows(const uint16_t* const* q, int chunks, Keys kc, Keys kn, Keys vc, Keys vn,
+// query rows [0, R) of one kv head: scores over the cache's keys, then the new tokens' keys
+template <int R, int chunks>  // chunks: 32-value pieces of a head, fixed so the loops unroll into registers
+void attend_rows(const uint16_t* const* q, Keys kc, Keys kn, Keys vc, Keys vn,
                  const bool* const* seen, float scale, float* scores, int64_t ld, uint16_t* const* out) {
   const float ninf = -std::numeric_limits<float>::infinity();
-  __m512bh qr[R][kMaxChunks];
+  __m512bh qr[R][chunks];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < chunks; ++c) qr[r][c] = (__m512bh)_mm512_loadu_si512(q[r] + c * kChunk);
   const int64_t n = kc.n + kn.n;
-  for (int64_t j = 0; j < n; ++j) {
+  const __m512 scale16 = _mm512_set1_ps(scale);
+  int64_t j0 = 0;
+  for (; j0 + 16 <= n; j0 += 16) {  // 16 keys at a time, their sums reduced together
+    const uint16_t* kp[16];
+    for (int i = 0; i < 16; ++i) {
+      const int64_t j = j0 + 4 * (i % 4) + i / 4;  // key j0 + 4l + e in slot l + 4e: reduce_add_16's order
+      kp[i] = j < kc.n ? kc.p + j * kc.stride : kn.p + (j - kc.n) * kn.stride;
+    }
+    for (int r = 0; r < R; ++r) {
+      __m512 acc[16];
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+      for (int c = 0; c < chunks; ++c)
+        for (int i = 0; i < 16; ++i)
+          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(kp[i] + c * kChunk), qr[r][c]);
+      __mmask16 visible = 0xFFFF;
+      for (int64_t j = std::max(j0, kc.n); j < j0 + 16; ++j)
+        if (!seen[r][j - kc.n]) visible &= (__mmask16)~(1u << (j - j0));
+      _mm512_storeu_ps(scores + r * ld + j0,
+                       _mm512_mask_mul_ps(_mm512_set1_ps(ninf), visible, reduce_add_16(acc), scale16));
+    }
+  }
+  for (int64_t j = j0; j < n; ++j) {  // the last few keys one at a time
     const bool cached = j < kc.n;
     const uint16_t* k = cached ? kc.p + j * kc.stride : kn.p + (j - kc.n) * kn.stride;
     __m512 acc[R];
@@ -67,28 +109,30 @@ void attend_rows(const uint16_t* const* q, int chunks, Keys kc, Keys kn, Keys vc
     for (int r = 0; r < R; ++r)
       scores[r * ld + j] = cached || seen[r][j - kc.n] ? _mm512_reduce_add_ps(acc[r]) * scale : ninf;
   }
-  float total[R];
-  for (int r = 0; r < R; ++r) {  // softmax numerators in place, their sum
+  const __m512 ninf16 = _mm512_set1_ps(ninf);
+  for (int r = 0; r < R; ++r) {  // softmax numerators in place
     float* s = scores + r * ld;
-    float hi = ninf;
-    for (int64_t j = 0; j < n; ++j) hi = std::max(hi, s[j]);
-    const __m512 top = _mm512_set1_ps(hi);
+    __m512 top = ninf16;  // the maximum is exact in any order; max_ps(s, top) skips NaN scores as std::max did
     int64_t j = 0;
-    for (; j + 16 <= n; j += 16)
+    for (; j + 16 <= n; j += 16) top = _mm512_max_ps(_mm512_loadu_ps(s + j), top);
+    const __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
+    if (j < n) top = _mm512_max_ps(_mm512_mask_loadu_ps(ninf16, tail, s + j), top);
+    top = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    for (j = 0; j + 16 <= n; j += 16)
       _mm512_storeu_ps(s + j, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + j), top)));
-    if (j < n) {
-      const __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
+    if (j < n)
       _mm512_mask_storeu_ps(s + j, tail, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + j), top)));
-    }
-    // summed in key order, where hidden keys add an exact 0: the result depends only on the visible keys
-    // and their order, not on where they sit among hidden slots (padding, other rows' drafts), so a query
-    // gets the same bits in a decoding step, a verify block or any batch (TriModeLM.batch_invariant)
-    float t = 0.0f;
-    for (j = 0; j < n; ++j) t += s[j];
-    total[r] = t;
   }
-  const int wide = chunks * 2;  // fp32 registers per head
-  __m512 o[R][2 * kMaxChunks];
+  // their sums, each in key order, where hidden keys add an exact 0: the result depends only on the visible
+  // keys and their order, not on where they sit among hidden slots (padding, other rows' drafts), so a query
+  // gets the same bits in a decoding step, a verify block or any batch (TriModeLM.batch_invariant). The R
+  // rows' chains run side by side.
+  float total[R];
+  for (int r = 0; r < R; ++r) total[r] = 0.0f;
+  for (int64_t j = 0; j < n; ++j)
+    for (int r = 0; r < R; ++r) total[r] += scores[r * ld + j];
+  constexpr int wide = chunks * 2;  // fp32 registers per head
+  __m512 o[R][wide];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < wide; ++c) o[r][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
@@ -102,6 +146,28 @@ void attend_rows(const uint16_t* const* q, int chunks, Keys kc, Keys kn, Keys vc
     const __m512 inv = _mm512_set1_ps(total[r] > 0 ? 1.0f / total[r] : 0.0f);
     for (int c = 0; c < wide; ++c)
       _mm256_storeu_si256((__m256i*)(out[r] + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[r][c], inv)));
+  }
+}
+
+// attend_rows for `rows` (1..kRowsAtOnce) rows of `chunks` (1..kMaxChunks) 32-value pieces
+template <int R>
+void attend_chunks(int chunks, const uint16_t* const* q, Keys kc, Keys kn, Keys vc, Keys vn, const bool* const* seen,
+                   float scale, float* scores, int64_t ld, uint16_t* const* out) {
+  switch (chunks) {
+    case 1: return attend_rows<R, 1>(q, kc, kn, vc, vn, seen, scale, scores, ld, out);
+    case 2: return attend_rows<R, 2>(q, kc, kn, vc, vn, seen, scale, scores, ld, out);
+    case 3: return attend_rows<R, 3>(q, kc, kn, vc, vn, seen, scale, scores, ld, out);
+    default: return attend_rows<R, 4>(q, kc, kn, vc, vn, seen, scale, scores, ld, out);
+  }
+}
+
+void attend(int rows, int chunks, const uint16_t* const* q, Keys kc, Keys kn, Keys vc, Keys vn, const bool* const* seen,
+            float scale, float* scores, int64_t ld, uint16_t* const* out) {
+  switch (rows) {
+    case 1: return attend_chunks<1>(chunks, q, kc, kn, vc, vn, seen, scale, scores, ld, out);
+    case 2: return attend_chunks<2>(chunks, q, kc, kn, vc, vn, seen, scale, scores, ld, out);
+    case 3: return attend_chunks<3>(chunks, q, kc, kn, vc, vn, seen, scale, scores, ld, out);
+    default: return attend_chunks<4>(chunks, q, kc, kn, vc, vn, seen, scale, scores, ld, out);
   }
 }
 
@@ -134,32 +200,29 @@ at::Tensor attend_bf16(const at::Tensor& q, const at::Tensor& k_cache, const at:
   const int64_t G = H / Hkv, chunks = D / kChunk;
   const float sc = (float)scale;
   auto heads = [](const at::Tensor& t, int64_t b, int64_t h) { return (const uint16_t*)t.data_ptr() + b * t.stride(0) + h * t.stride(1); };
-  at::parallel_for(0, B * H, 1, [&](int64_t u0, int64_t u1) {
+  // a unit of work: up to kRowsAtOnce query rows of one kv head, drawn from its G query heads x T tokens
+  // (token fastest), so that the rows of grouped-query heads share every key and value load
+  const int64_t rows_per_kv = G * T, groups = (rows_per_kv + kRowsAtOnce - 1) / kRowsAtOnce;
+  at::parallel_for(0, B * Hkv * groups, 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> scores;
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / H, h = u % H, kv = h / G;
+      const int64_t b = u / (Hkv * groups), kv = u / groups % Hkv, r0 = u % groups * kRowsAtOnce;
       const int64_t n_cached = std::min<int64_t>(std::max<int64_t>(len.data_ptr<int64_t>()[b], 0), S);
       const Keys kc{heads(k_cache, b, kv), k_cache.stride(2), n_cached}, vc{heads(v_cache, b, kv), v_cache.stride(2), n_cached};
       const Keys kn{heads(k_new, b, kv), k_new.stride(2), T}, vn{heads(v_new, b, kv), v_new.stride(2), T};
       const int64_t ld = n_cached + T;
       scores.resize(kRowsAtOnce * ld);
-      for (int64_t t0 = 0; t0 < T; t0 += kRowsAtOnce) {
-        const int rows = (int)std::min<int64_t>(kRowsAtOnce, T - t0);
-        const uint16_t* qp[kRowsAtOnce];
-        const bool* seen[kRowsAtOnce];
-        uint16_t* op[kRowsAtOnce];
-        for (int r = 0; r < rows; ++r) {
-          qp[r] = heads(q, b, h) + (t0 + r) * q.stride(2);
-          seen[r] = m.data_ptr<bool>() + (b * T + t0 + r) * T;
-          op[r] = (uint16_t*)out.data_ptr() + ((b * T + t0 + r) * H + h) * D;
-        }
-        switch (rows) {
-          case 1: attend_rows<1>(qp, (int)chunks, kc, kn, vc, vn, seen, sc, scores.data(), ld, op); break;
-          case 2: attend_rows<2>(qp, (int)chunks, kc, kn, vc, vn, seen, sc, scores.data(), ld, op); break;
-          case 3: attend_rows<3>(qp, (int)chunks, kc, kn, vc, vn, seen, sc, scores.data(), ld, op); break;
-          default: attend_rows<4>(qp, (int)chunks, kc, kn, vc, vn, seen, sc, scores.data(), ld, op); break;
-        }
+      const int rows = (int)std::min<int64_t>(kRowsAtOnce, rows_per_kv - r0);
+      const uint16_t* qp[kRowsAtOnce];
+      const bool* seen[kRowsAtOnce];
+      uint16_t* op[kRowsAtOnce];
+      for (int r = 0; r < rows; ++r) {
+        const int64_t h = kv * G + (r0 + r) / T, t = (r0 + r) % T;
+        qp[r] = heads(q, b, h) + t * q.stride(2);
+        seen[r] = m.data_ptr<bool>() + (b * T + t) * T;
+        op[r] = (uint16_t*)out.data_ptr() + ((b * T + t) * H + h) * D;
       }
+      attend(rows, (int)chunks, qp, kc, kn, vc, vn, seen, sc, scores.data(), ld, op);
     }
   });
   return out;

@@ -20,6 +20,11 @@
 namespace {
 
 constexpr int64_t kTile = 32, kPair = 2, kStep = 32, kTileRows = 16, kTilesPerConfig = 4;
+// Cache lines of the next weight tile asked into L2 per tile step (4 tile products). Without them a tile's
+// first row block waits on memory and its later blocks leave memory idle; ahead, the next tile streams in
+// while this one's blocks run. The default model's 30 layers at 8-120 rows, 2 Xeon cores: 3-7 % faster
+// (no change at 1 row); 16 lines a step were slower than none at 88-96 rows (they crowd out the tile loads).
+constexpr int kPrefetchLines = 8;
 constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // Linux: ask for the tile state
 
 struct alignas(64) TileConfig {
@@ -47,14 +52,24 @@ void configure(int64_t rows) {
   _tile_loadconfig(&c);
 }
 
+// The next weight tile's bytes not yet asked for: [next, end)
+struct Ahead {
+  const char* next;
+  const char* end;
+  inline void step() {
+    for (int i = 0; i < kPrefetchLines && next < end; ++i, next += 64) _mm_prefetch(next, _MM_HINT_T1);
+  }
+};
+
 // one block of up to 32 rows of x against one packed tile of 32 outputs; sums land in c [rows][32]
 template <bool kTwoGroups>
-inline void block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, float* c) {
+inline void block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, float* c, Ahead& ahead) {
   _tile_zero(0);
   _tile_zero(1);
   if (kTwoGroups) { _tile_zero(2); _tile_zero(3); }
   constexpr int64_t w_stride = kTile * kPair * 2;  // bytes from one input pair to the next
   for (int64_t k0 = 0; k0 < K; k0 += kStep) {
+    ahead.step();
     const uint16_t* wk = w + (k0 / kPair) * kTile * kPair;
     _tile_loadd(6, wk, w_stride);
     _tile_loadd(7, wk + kTileRows * kPair, w_stride);
@@ -121,22 +136,31 @@ at::Tensor amx_product(const at::Tensor& x, const at::Tensor& w, at::Tensor* add
   // a zeroed 32-row block on every call (torch's zeros and copy_: 2 ms a step of 88 rows over the default
   // model's 30 layers, 2 Xeon cores) and summing its padding. Each row's sums are the same either way.
   const uint16_t* rp = xp + full * ldx;
+  const int64_t tile_bytes = pairs * kTile * kPair * 2;
+  auto next_tile = [&](int64_t t) { return (const char*)wp + (t + 1) * tile_bytes; };
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     alignas(64) float c[kTile * kTile];
     int64_t configured = -1;  // the row count the tile registers are set up for
+    Ahead ahead{next_tile(t0), next_tile(t0)};
+    auto look_past = [&](int64_t t) {  // from tile t's first block on, tile t + 1 may stream in
+      if (t + 1 < t1) ahead = {std::max(ahead.next, next_tile(t)), next_tile(t + 1)};
+    };
     for (int64_t g0 = t0; g0 < t1; g0 += kTilesPerConfig) {  // a few tiles' full blocks, then their rests
       const int64_t g1 = std::min(t1, g0 + kTilesPerConfig);
       if (full && configured != kTile) configure(configured = kTile);
-      for (int64_t t = g0; t < g1; ++t)
+      for (int64_t t = g0; t < g1; ++t) {
+        look_past(t);
         for (int64_t m0 = 0; m0 < full; m0 += kTile) {
-          block<true>(xp + m0 * ldx, ldx, wp + t * pairs * kTile * kPair, K, c);
+          block<true>(xp + m0 * ldx, ldx, wp + t * pairs * kTile * kPair, K, c, ahead);
           put(c, kTile, m0, t);
         }
+      }
       if (!rest) continue;
       if (configured != rest) configure(configured = rest);
       for (int64_t t = g0; t < g1; ++t) {  // these tiles' weights are still in L2
-        if (rest > kTileRows) block<true>(rp, ldx, wp + t * pairs * kTile * kPair, K, c);
-        else block<false>(rp, ldx, wp + t * pairs * kTile * kPair, K, c);
+        if (!full) look_past(t);
+        if (rest > kTileRows) block<true>(rp, ldx, wp + t * pairs * kTile * kPair, K, c, ahead);
+        else block<false>(rp, ldx, wp + t * pairs * kTile * kPair, K, c, ahead);
         put(c, rest, full, t);
       }
     }

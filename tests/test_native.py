@@ -371,6 +371,39 @@ def test_the_rope_kernel_gives_torchs_formula_bit_for_bit():
 
 
 @needs_native
+@pytest.mark.parametrize("write", [True, False])
+def test_one_call_for_a_parts_attention_gives_the_bits_of_its_three_ops(write):
+    """attend_part_bf16 (rotary embedding, cache write, attention) against rope_bf16, kv_write and attend_bf16 in
+    turn: q, k, v as the fused projection's column views, the output as one part's rows of a wider buffer,
+    rows at different cache lengths (one empty), a random mask; the same output and cache bits (with `write`),
+    or the same output and an untouched cache (without)."""
+    gen = torch.Generator().manual_seed(13)
+    for B, T, Hq, Hk, D, lengths in ((1, 1, 9, 3, 64, [17]), (24, 1, 9, 3, 64, list(range(0, 48, 2))),
+                                     (8, 8, 9, 3, 64, [5, 40, 0, 33, 12, 7, 21, 19]), (3, 5, 4, 2, 128, [3, 30, 11]),
+                                     (2, 33, 2, 2, 32, [0, 9])):
+        S = max(lengths) + T + 3
+        qkv = (torch.randn(B * T, (Hq + 2 * Hk) * D, generator=gen) * 4).bfloat16()
+        q, k, v = qkv.split([Hq * D, Hk * D, Hk * D], dim=-1)
+        _, _, cos, sin = rope_inputs(B, T, Hq, Hk, D, gen)
+        k_cache, v_cache = (torch.randn(B, Hk, S, D, generator=gen).bfloat16() for _ in range(2))
+        n = torch.tensor(lengths)
+        mask = (torch.rand(B, T, T, generator=gen) < 0.5) | torch.eye(T, dtype=torch.bool)
+        q4, k4, v4 = (t.reshape(B, T, -1, D).transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D] views
+        want_q, want_k = torch.ops.tridlm.rope_bf16(q4, k4, cos, sin)
+        want = torch.ops.tridlm.attend_bf16(want_q, k_cache, v_cache, n, want_k, v4, mask, D ** -0.5)
+        caches = k_cache.clone(), v_cache.clone()
+        if write:
+            torch.ops.tridlm.kv_write(*caches, n, want_k, v4)
+        wide = torch.zeros(B * T + 4, Hq * D + 8, dtype=torch.bfloat16)  # a joint forward's output, this part's span
+        got_k, got_v = k_cache.clone(), v_cache.clone()
+        torch.ops.tridlm.attend_part_bf16(q, k, v, wide[2:2 + B * T, :Hq * D], cos, sin, got_k, got_v, n, mask,
+                                          D ** -0.5, write)
+        assert torch.equal(wide[2:2 + B * T, :Hq * D], want.reshape(B * T, Hq * D))
+        assert not wide[:2].any() and not wide[2 + B * T:].any() and not wide[:, Hq * D:].any()
+        assert torch.equal(got_k, caches[0]) and torch.equal(got_v, caches[1])
+
+
+@needs_native
 def test_the_rope_kernel_refuses_what_it_cannot_rotate():
     gen = torch.Generator().manual_seed(12)
     q, k, cos, sin = rope_inputs(2, 3, 4, 2, 48, gen)
@@ -397,6 +430,34 @@ def test_a_bf16_model_through_the_rope_kernel_gives_the_same_logits():
             cache = m.new_cache(2, 16)
             outs.append((m(ids, cache=cache), m(ids[:, :3], cache=cache)))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@needs_native
+def test_a_model_through_one_attention_call_a_part_gives_the_same_logits(monkeypatch):
+    """Single forwards (writing and read-only) and a joint one of two parts: the same logits with
+    attend_part_bf16 as with rope, attention and the cache write called apart."""
+    from tridlm.model import Attention
+
+    m = attention_model(8, with_drafter=True).set_weight_format("float", native_attention_max_tokens=64)
+    ids = torch.randint(4, 64, (2, 7))
+
+    def forwards():
+        with torch.inference_mode():
+            cache, other = m.new_cache(2, 32), m.new_cache(1, 32)
+            out = [m(ids, cache=cache), m(ids[:, :3], cache=cache, pattern="block", write_cache=False),
+                   m(ids[:1, :4], cache=other)]
+            out += m.forward_many([dict(input_ids=ids[:, :1], cache=cache),
+                                   dict(input_ids=ids[:1, 2:6], cache=other, pattern="block", write_cache=False)])
+            return out
+
+    taken = []
+    one_call = Attention.in_one_call
+    monkeypatch.setattr(Attention, "in_one_call", lambda self, p, q: taken.append(one_call(self, p, q)) or taken[-1])
+    fused = forwards()
+    assert taken and all(taken)
+    monkeypatch.setattr(Attention, "in_one_call", lambda self, p, q: False)
+    for got, want in zip(fused, forwards(), strict=True):
+        assert torch.equal(got, want)
 
 
 def test_rope_takes_the_kernel_only_where_it_runs(monkeypatch):

@@ -105,12 +105,38 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, q_scale, layer: int, ctx: _AttnContext | _JointContext) -> torch.Tensor:
         q, k, v = self.qkv(x, ctx.quant, ctx.native) if ctx.fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        if isinstance(ctx, _JointContext):  # x is every part's tokens, [1, N, H]: attention part by part
+        joint = isinstance(ctx, _JointContext)  # x is every part's tokens, [1, N, H]: attention part by part
+        parts = ctx.parts if joint else [_Part(x.shape[0], x.shape[1], cos, sin, q_scale, ctx)]
+        if all(self.in_one_call(p, q) for p in parts):
+            out = self.attend_parts(q, k, v, parts, layer)
+        elif joint:
             out = torch.cat([self.attend(q[:, p.span], k[:, p.span], v[:, p.span], p, layer).view(1, p.span_len, -1)
-                             for p in ctx.parts], dim=1)
+                             for p in parts], dim=1)
         else:
-            out = self.attend(q, k, v, _Part(x.shape[0], x.shape[1], cos, sin, q_scale, ctx), layer)
+            out = self.attend(q, k, v, parts[0], layer)
         return self.out(out, ctx.quant, ctx.native)[0] if ctx.fused else self.o_proj(out)
+
+    def in_one_call(self, part: _Part, q: torch.Tensor) -> bool:
+        """Whether tridlm.native's attend_part_bf16 takes this part: its rotary embedding, cache write and attention
+        in one call, with the bits of the rotary formula (rope_bf16's), kv_write and attend_bf16 -- wherever
+        attend_native would serve it, outside compiled graphs."""
+        ctx = part.ctx
+        return (ctx.native_attention and not ctx.static and part.q_scale is None
+                and q.dtype == torch.bfloat16 and part.cos.shape[0] == part.B and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling())
+
+    def attend_parts(self, q, k, v, parts: list[_Part], layer: int) -> torch.Tensor:
+        """Every part's attention through attend_part_bf16, each writing its span of one output [.., T, heads x dim]
+        (no concatenation)."""
+        n = q.shape[0] * q.shape[1]
+        q, k, v = q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1)
+        out = q.new_empty(n, self.n_heads * self.head_dim)
+        scale = self.head_dim ** -0.5
+        for p in parts:
+            c, at = p.ctx.cache, p.span if p.span is not None else slice(None)
+            torch.ops.tridlm.attend_part_bf16(q[at], k[at], v[at], out[at], p.cos, p.sin, c.k[layer], c.v[layer],
+                                              c.lengths, p.ctx.new_mask, scale, p.ctx.write)
+        return out.view(1, n, -1) if parts[0].span is not None else out.view(parts[0].B, parts[0].T, -1)
 
     def rotate(self, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary embedding of q and k [B, heads, T, D]: tridlm.native's one call where set_weight_format chose
@@ -600,7 +626,7 @@ class TriModeLM(nn.Module):
         new = nm.expand(B, T, T)
         if valid is not None:  # as in the static layout: padding is seen by no one and sees itself
             new = (new & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
-        ctx.new_mask = new
+        ctx.new_mask = new.contiguous()  # read by every layer's native attention
         return ctx
 
     def set_weight_format(self, fmt: str, max_tokens: int | None = None, native_max_tokens: int | None = None,

@@ -28,7 +28,7 @@ SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("small_gemm.c
                                                                     "rms_norm.cpp", "argmax.cpp", "rope.cpp",
                                                                     "confidence.cpp"))
 # included by the sources: part of their hash
-HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("bf16.h", "epilogue.h", "argmax.h"))
+HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("bf16.h", "epilogue.h", "argmax.h", "rope.h"))
 TILE_ROWS, TILE_COLS = 32, 2  # the packed layout's tile: output rows x inputs
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 AMX_FLAGS = ("amx_tile", "amx_bf16")

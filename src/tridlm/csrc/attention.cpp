@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "bf16.h"
+#include "rope.h"
 
 namespace {
 
@@ -171,10 +172,68 @@ void attend(int rows, int chunks, const uint16_t* const* q, Keys kc, Keys kn, Ke
   }
 }
 
+// Where head h of token t of row b lies in a [B, heads, T, D] layout: p + b s0 + h s1 + (t + offset[b]) s2,
+// offset (optional) per row: a cache's new entries start after each row's own
+struct HeadRows {
+  const uint16_t* p;
+  int64_t s0, s1, s2;
+  const int64_t* offset = nullptr;
+  const uint16_t* at(int64_t b, int64_t h, int64_t t) const {
+    return p + b * s0 + h * s1 + (t + (offset ? offset[b] : 0)) * s2;
+  }
+};
+
+HeadRows head_rows(const at::Tensor& t) {  // a [B, heads, n, D] tensor
+  return {(const uint16_t*)t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// out(b, h, t) = softmax over cache slots [0, lengths[b]) and new tokens j with mask[b, t, j]: B x Hkv kv heads,
+// G = H / Hkv query heads each, T new tokens, head size D, S cache slots
+void attend_heads(int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t D, int64_t S, const int64_t* lengths,
+                  HeadRows q, HeadRows kc, HeadRows vc, HeadRows kn, HeadRows vn, const bool* mask, HeadRows out,
+                  float scale) {
+  const int64_t G = H / Hkv, chunks = D / kChunk;
+  // a unit of work: up to kRowsAtOnce query rows of one kv head, drawn from its G query heads x T tokens
+  // (token fastest), so that the rows of grouped-query heads share every key and value load
+  const int64_t rows_per_kv = G * T, groups = (rows_per_kv + kRowsAtOnce - 1) / kRowsAtOnce;
+  at::parallel_for(0, B * Hkv * groups, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> scores;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / (Hkv * groups), kv = u / groups % Hkv, r0 = u % groups * kRowsAtOnce;
+      const int64_t n_cached = std::min<int64_t>(std::max<int64_t>(lengths[b], 0), S);
+      const Keys kcb{kc.at(b, kv, 0), kc.s2, n_cached}, vcb{vc.at(b, kv, 0), vc.s2, n_cached};
+      const Keys knb{kn.at(b, kv, 0), kn.s2, T}, vnb{vn.at(b, kv, 0), vn.s2, T};
+      const int64_t ld = n_cached + T;
+      scores.resize(kRowsAtOnce * ld);
+      const int rows = (int)std::min<int64_t>(kRowsAtOnce, rows_per_kv - r0);
+      const uint16_t* qp[kRowsAtOnce];
+      const bool* seen[kRowsAtOnce];
+      uint16_t* op[kRowsAtOnce];
+      for (int r = 0; r < rows; ++r) {
+        const int64_t h = kv * G + (r0 + r) / T, t = (r0 + r) % T;
+        qp[r] = q.at(b, h, t);
+        seen[r] = mask + (b * T + t) * T;
+        op[r] = const_cast<uint16_t*>(out.at(b, h, t));
+      }
+      attend(rows, (int)chunks, qp, kcb, knb, vcb, vnb, seen, scale, scores.data(), ld, op);
+    }
+  });
+}
+
 void check_heads(const at::Tensor& t, const char* name, int64_t B, int64_t D) {
   TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(3) == D && t.stride(3) == 1 &&
                   t.scalar_type() == at::kBFloat16,
               "attend_bf16: ", name, " must be bf16 [B, heads, n, ", D, "] with contiguous rows");
+}
+
+void check_shapes(int64_t D, int64_t H, int64_t Hkv, const at::Tensor& mask, int64_t B, int64_t T,
+                  const at::Tensor& lengths, const char* op) {
+  TORCH_CHECK(D % kChunk == 0 && D / kChunk <= kMaxChunks, op, " takes head sizes 32, 64, 96 or 128, got ", D);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, op, ": query heads must be a multiple of the key/value heads");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 3 && mask.size(0) == B && mask.size(1) == T &&
+                  mask.size(2) == T,
+              op, " takes the new tokens' mask as bool [B, T, T]");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.numel() == B, op, " takes int64 lengths [B]");
 }
 
 // out[b, t, h] = softmax over cache slots [0, lengths[b]) and new tokens j with mask[b, t, j]
@@ -184,48 +243,80 @@ at::Tensor attend_bf16(const at::Tensor& q, const at::Tensor& k_cache, const at:
   TORCH_CHECK(q.dim() == 4, "attend_bf16 takes q as [B, heads, T, D]");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k_cache.size(1);
   const int64_t S = k_cache.size(2);
-  TORCH_CHECK(D % kChunk == 0 && D / kChunk <= kMaxChunks, "attend_bf16 takes head sizes 32, 64, 96 or 128, got ", D);
   for (auto [t, name] : {std::pair{&q, "q"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&k_new, "k_new"},
                          {&v_new, "v_new"}})
     check_heads(*t, name, B, D);
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && k_new.size(1) == Hkv && v_cache.size(1) == Hkv && v_new.size(1) == Hkv,
-              "attend_bf16: query heads must be a multiple of the key/value heads");
+  check_shapes(D, H, Hkv, mask, B, T, lengths, "attend_bf16");
+  TORCH_CHECK(k_new.size(1) == Hkv && v_cache.size(1) == Hkv && v_new.size(1) == Hkv,
+              "attend_bf16: k_cache, v_cache, k_new and v_new must have the same heads");
   TORCH_CHECK(k_new.size(2) == T && v_new.size(2) == T && v_cache.size(2) == S, "attend_bf16: mismatched lengths");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 3 && mask.size(0) == B && mask.size(1) == T &&
-                  mask.size(2) == T,
-              "attend_bf16 takes the new tokens' mask as bool [B, T, T]");
-  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.numel() == B, "attend_bf16 takes int64 lengths [B]");
   const at::Tensor m = mask.contiguous(), len = lengths.contiguous();
   at::Tensor out = at::empty({B, T, H, D}, q.options());
-  const int64_t G = H / Hkv, chunks = D / kChunk;
-  const float sc = (float)scale;
-  auto heads = [](const at::Tensor& t, int64_t b, int64_t h) { return (const uint16_t*)t.data_ptr() + b * t.stride(0) + h * t.stride(1); };
-  // a unit of work: up to kRowsAtOnce query rows of one kv head, drawn from its G query heads x T tokens
-  // (token fastest), so that the rows of grouped-query heads share every key and value load
-  const int64_t rows_per_kv = G * T, groups = (rows_per_kv + kRowsAtOnce - 1) / kRowsAtOnce;
-  at::parallel_for(0, B * Hkv * groups, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<float> scores;
+  const HeadRows o{(const uint16_t*)out.data_ptr(), T * H * D, D, H * D};
+  attend_heads(B, H, Hkv, T, D, S, len.data_ptr<int64_t>(), head_rows(q), head_rows(k_cache), head_rows(v_cache),
+               head_rows(k_new), head_rows(v_new), m.data_ptr<bool>(), o, (float)scale);
+  return out;
+}
+
+// One part of a forward's attention in one call, from its projections to its output: rotary embedding of q
+// and k (cos and sin [B, 1, T, D]), with `write` the new keys and values stored after each row's cache entries
+// (kv_write's slots), and attention over the cache and the new tokens (attend_bf16's) into out. q [B T, H D],
+// k and v [B T, Hkv D] (the fused projection's columns: rows may be strided), out [B T, H D] (rows may be
+// strided: a part's span of a joint forward's output). The bits of rope_bf16, kv_write and attend_bf16 in turn.
+void attend_part_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor out,
+                      const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
+                      const at::Tensor& lengths, const at::Tensor& mask, double scale, bool write) {
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.stride(3) == 1 &&
+                  v_cache.stride(3) == 1 && k_cache.scalar_type() == at::kBFloat16 &&
+                  v_cache.scalar_type() == at::kBFloat16,
+              "attend_part_bf16 takes bf16 caches [B, Hkv, S, D] of one shape with contiguous rows");
+  const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), S = k_cache.size(2), D = k_cache.size(3);
+  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}})
+    TORCH_CHECK(t->dim() == 2 && t->stride(1) == 1 && t->scalar_type() == at::kBFloat16,
+                "attend_part_bf16: ", name, " must be bf16 [B T, heads D] with contiguous rows");
+  const int64_t N = q.size(0), H = q.size(1) / D, T = B ? N / B : 0;
+  TORCH_CHECK(B > 0 && T * B == N && q.size(1) == H * D && out.size(0) == N && out.size(1) == H * D &&
+                  k.size(0) == N && v.size(0) == N && k.size(1) == Hkv * D && v.size(1) == Hkv * D,
+              "attend_part_bf16: q and out must be [B T, H D], k and v [B T, Hkv D] for the cache's B, Hkv and D");
+  check_shapes(D, H, Hkv, mask, B, T, lengths, "attend_part_bf16");
+  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&cos, "cos"}, {&sin, "sin"}})
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == 1 && t->size(2) == T && t->size(3) == D &&
+                    t->stride(3) == 1 && t->scalar_type() == at::kBFloat16,
+                "attend_part_bf16: ", name, " must be bf16 [B, 1, T, D] with contiguous rows");
+  const at::Tensor m = mask.contiguous(), len = lengths.contiguous();
+  const int64_t* lp = len.data_ptr<int64_t>();
+  if (write)
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(lp[b] >= 0 && lp[b] + T <= S, "attend_part_bf16: row ", b, " holds ", lp[b], " entries; ", T,
+                  " more do not fit in ", S, " slots");
+  at::Tensor qr = at::empty({N, H * D}, q.options());  // rotated queries, [B, T, H, D]
+  at::Tensor kr = write ? at::Tensor() : at::empty({N, Hkv * D}, k.options());  // rotated keys, when not stored
+  const auto *qp = (const uint16_t*)q.data_ptr(), *kp = (const uint16_t*)k.data_ptr(), *vp = (const uint16_t*)v.data_ptr();
+  const auto *cp = (const uint16_t*)cos.data_ptr(), *sp = (const uint16_t*)sin.data_ptr();
+  auto* qrp = (uint16_t*)qr.data_ptr();
+  const HeadRows cache_k{(const uint16_t*)k_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), lp};
+  const HeadRows cache_v{(const uint16_t*)v_cache.data_ptr(), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), lp};
+  const HeadRows new_k = write ? cache_k : HeadRows{(const uint16_t*)kr.data_ptr(), T * Hkv * D, D, Hkv * D};
+  const HeadRows new_v = write ? cache_v : HeadRows{vp, T * v.stride(0), D, v.stride(0)};
+  const int64_t heads = H + Hkv;
+  at::parallel_for(0, N * heads, 64, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / (Hkv * groups), kv = u / groups % Hkv, r0 = u % groups * kRowsAtOnce;
-      const int64_t n_cached = std::min<int64_t>(std::max<int64_t>(len.data_ptr<int64_t>()[b], 0), S);
-      const Keys kc{heads(k_cache, b, kv), k_cache.stride(2), n_cached}, vc{heads(v_cache, b, kv), v_cache.stride(2), n_cached};
-      const Keys kn{heads(k_new, b, kv), k_new.stride(2), T}, vn{heads(v_new, b, kv), v_new.stride(2), T};
-      const int64_t ld = n_cached + T;
-      scores.resize(kRowsAtOnce * ld);
-      const int rows = (int)std::min<int64_t>(kRowsAtOnce, rows_per_kv - r0);
-      const uint16_t* qp[kRowsAtOnce];
-      const bool* seen[kRowsAtOnce];
-      uint16_t* op[kRowsAtOnce];
-      for (int r = 0; r < rows; ++r) {
-        const int64_t h = kv * G + (r0 + r) / T, t = (r0 + r) % T;
-        qp[r] = heads(q, b, h) + t * q.stride(2);
-        seen[r] = m.data_ptr<bool>() + (b * T + t) * T;
-        op[r] = (uint16_t*)out.data_ptr() + ((b * T + t) * H + h) * D;
+      const int64_t bt = u / heads, h = u % heads, b = bt / T, t = bt % T;
+      const uint16_t* c = cp + b * cos.stride(0) + t * cos.stride(2);
+      const uint16_t* s = sp + b * sin.stride(0) + t * sin.stride(2);
+      if (h < H) {
+        rotate_head(qp + bt * q.stride(0) + h * D, c, s, qrp + (bt * H + h) * D, D / 2);
+        continue;
       }
-      attend(rows, (int)chunks, qp, kc, kn, vc, vn, seen, sc, scores.data(), ld, op);
+      const int64_t kv = h - H;
+      rotate_head(kp + bt * k.stride(0) + kv * D, c, s, const_cast<uint16_t*>(new_k.at(b, kv, t)), D / 2);
+      if (write) std::memcpy(const_cast<uint16_t*>(new_v.at(b, kv, t)), vp + bt * v.stride(0) + kv * D, D * 2);
     }
   });
-  return out;
+  const HeadRows qh{qrp, T * H * D, D, H * D};
+  const HeadRows oh{(const uint16_t*)out.data_ptr(), T * out.stride(0), D, out.stride(0)};
+  const HeadRows cached_k{cache_k.p, cache_k.s0, cache_k.s1, cache_k.s2}, cached_v{cache_v.p, cache_v.s0, cache_v.s1, cache_v.s2};
+  attend_heads(B, H, Hkv, T, D, S, lp, qh, cached_k, cached_v, new_k, new_v, m.data_ptr<bool>(), oh, (float)scale);
 }
 
 // k_cache[b, :, lengths[b] + t] = k_new[b, :, t] (and v): a forward's new keys and values stored after each
@@ -271,9 +362,12 @@ TORCH_LIBRARY_FRAGMENT(tridlm, m) {
   m.def("attend_bf16(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, Tensor k_new, Tensor v_new, "
         "Tensor mask, float scale) -> Tensor");
   m.def("kv_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor lengths, Tensor k_new, Tensor v_new) -> ()");
+  m.def("attend_part_bf16(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor cos, Tensor sin, Tensor(b!) k_cache, "
+        "Tensor(c!) v_cache, Tensor lengths, Tensor mask, float scale, bool write) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tridlm, CPU, m) {
   m.impl("attend_bf16", attend_bf16);
   m.impl("kv_write", kv_write);
+  m.impl("attend_part_bf16", attend_part_bf16);
 }

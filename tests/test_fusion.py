@@ -90,6 +90,11 @@ def test_the_layout_follows_changes_and_replacements():
         half = copy.deepcopy(m).to(torch.bfloat16)
         assert half(ids, pattern="block").dtype == torch.bfloat16
         assert_logits_agree(half, *both_ways(half, ids, pattern="block"))
+        # parameters replaced after fusing: a new object, new memory under the same object
+        attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.detach() * 3)
+        attn.o_proj.lora_B.data = attn.o_proj.lora_B.detach() + 0.5
+        assert_logits_agree(m, *both_ways(m, ids, pattern="block"))
+        assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
 
 
 def test_checkpoint_names_and_bits_survive_fusion(tmp_path):

@@ -125,6 +125,7 @@ class FusedProjections:
     def __init__(self, owner, names: tuple[str, ...]):
         self.owner, self.names = owner, names
         self._ptrs: tuple | None = None
+        self._known: list | None = None  # [(name, module, [(parameter name, parameter, data_ptr)])] as fused
         self._weight = self._block_b = self._gate_src = None
         self._n_base, self._splits, self._scaling = 0, [], 1.0
         self._int8: tuple | None = None  # (int8 rows, per-row scales, the float weight's version)
@@ -149,9 +150,12 @@ class FusedProjections:
         return ps
 
     def _ensure(self) -> None:
+        if self._known is not None and self._still_fused():
+            return
         members = self.members()
         params = self._params(members)
         if self._ptrs == tuple(p.data_ptr() for p in params):
+            self._remember(members)
             return
         inference = {p.is_inference() for p in params}  # a model loaded under torch.inference_mode
         if len(inference) > 1:
@@ -161,6 +165,27 @@ class FusedProjections:
         with torch.inference_mode(inference.pop()), torch.no_grad():
             self._fuse(members)
         self._ptrs = tuple(p.data_ptr() for p in self._params(members))
+        self._remember(members)
+
+    def _remember(self, members) -> None:
+        """The member modules and their parameters as fused, for `_still_fused`."""
+        self._known = [(name, m, [(k, p, p.data_ptr()) for k, p in m._parameters.items()
+                                  if k in ("weight", "lora_A", "lora_B")])
+                       for name, m in zip(self.names, members, strict=True)]
+
+    def _still_fused(self) -> bool:
+        """Whether the members and their parameters are the objects fused last time, over the same memory: what
+        `_ensure` asks before every product, in a few dictionary reads (rebuilding the parameter list and
+        reading every pointer took ~2 ms of a 20 ms one-token forward of the default model)."""
+        modules = self.owner._modules
+        for name, m, params in self._known:
+            if modules.get(name) is not m:
+                return False
+            held = m._parameters
+            for k, p, ptr in params:
+                if held.get(k) is not p or p.data_ptr() != ptr:
+                    return False
+        return True
 
     def _fuse(self, members) -> None:
         w0 = members[0].weight

@@ -515,6 +515,30 @@ def test_the_amx_add_product_adds_the_scaled_sums_in_one_rounding():
     check_add_product(torch.ops.tridlm.gemm_bf16_amx_add_)
 
 
+@needs_amx
+def test_the_drafted_amx_product_is_the_product_then_the_add():
+    """gemm_bf16_amx_drafted (base rows, then a drafter's A rows in one packed weight, B blocks beside): the bits
+    of gemm_bf16_amx over the whole weight followed by gemm_bf16_amx_add_ of the A outputs through B on the
+    draft rows, for spans inside, across and outside 32-row blocks, with and without per-row scales (0 among
+    them: a token that is not a draft keeps the base bits)."""
+    gen = torch.Generator().manual_seed(14)
+    for m, n_base, k, rank in ((1, 64, 32, 32), (9, 96, 64, 64), (40, 64, 576, 32), (88, 128, 96, 96)):
+        x = torch.randn(m, k, generator=gen).bfloat16()
+        base, a = (torch.randn(n, k, generator=gen).bfloat16() * 0.05 for n in (n_base, rank))
+        b = torch.randn(n_base, rank, generator=gen).bfloat16() * 0.05
+        w, packed_b = native.pack(torch.cat([base, a])), native.pack(b)
+        spans = {(0, m), (m // 3, m), (0, (m + 1) // 2), (m // 2, m // 2)} | ({(8, 40)} if m >= 40 else set())
+        for start, stop in sorted(spans):
+            for scaled in (False, True):
+                rs = torch.tensor([(1.0, 0.0, 0.5)[i % 3] for i in range(stop - start)]) if scaled else None
+                both = torch.ops.tridlm.gemm_bf16_amx(x, w)
+                want = both[:, :n_base].clone()
+                xa = both[start:stop, n_base:n_base + rank].contiguous()
+                torch.ops.tridlm.gemm_bf16_amx_add_(want[start:stop], xa, packed_b, rs, 0.75)
+                got = torch.ops.tridlm.gemm_bf16_amx_drafted(x, w, n_base, packed_b, rs, start, stop, 0.75)
+                assert torch.equal(got, want), (m, start, stop, scaled)
+
+
 @needs_native
 def test_the_add_products_refuse_an_addend_of_another_shape():
     x, w = torch.ones(3, 64, dtype=torch.bfloat16), native.pack(torch.ones(32, 64, dtype=torch.bfloat16))

@@ -320,6 +320,21 @@ class FusedProjections:
         OWN_PRODUCTS_ADD[kernel](ys, xs, packed, row_scale, self._scaling)
         return y
 
+    def _drafted_product(self, x: torch.Tensor, gate) -> torch.Tensor:
+        """The base outputs with the drafter's delta on the draft tokens in one AMX call (gemm_bf16_amx_drafted):
+        the bits of the product over base and A rows followed by _add_drafter, without a second pass over y."""
+        flat = x.reshape(-1, x.shape[-1])
+        packed, _ = self._quantized("native-bf16")
+        b, _ = self._quantized("native-b")
+        start, stop, row_scale = 0, flat.shape[0], None
+        if not isinstance(gate, str):  # the mask over the drafts' span only: every other token's gate is 0
+            row_scale, rows = self._gate_src.row_scale(), self._gate_src.rows
+            if rows is not None:
+                start, stop = rows.start, rows.stop
+        y = torch.ops.tridlm.gemm_bf16_amx_drafted(flat, packed, self._n_base, b, row_scale, start, stop,
+                                                   self._scaling)
+        return y.view(*x.shape[:-1], -1)
+
     def _int8_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._quantized("int8")
 
@@ -380,6 +395,10 @@ class FusedProjections:
             y = self._add_drafter(both[..., :self._n_base], both[..., self._n_base:], gate, native)
         else:  # drafts among base tokens (or all, batch-invariant): base tokens keep the base model's products
             own = self._own_kernel_for_both(quant)
+            if own == "amx" and self._drafter_kernel(native) == "amx" and x.dtype == torch.bfloat16 \
+                    and (self._weight.shape[0] - self._n_base) % 32 == 0:  # the A rows fill whole tiles
+                y = self._drafted_product(x, gate)
+                return list(y.split(self._splits, dim=-1)) if len(self._splits) > 1 else [y]
             if own:  # each of the kernel's output tiles is summed alone: one product, the base tiles' bits
                 both = self._product(x, slice(None), None, own)
                 y, xa = both[..., :self._n_base], both[..., self._n_base:]

@@ -106,8 +106,69 @@ inline void add_rows(const float* c, int64_t rows, uint16_t* out, int64_t ldo, f
   }
 }
 
+// A LoRA drafter's delta, added in the product's epilogue: rows [start, stop) get y = round(round(x W^T) +
+// scale * row_scale[r] * (xa B^T)), the bits gemm_bf16_amx_add_ gives after the plain product; xa [M, k] holds
+// zeros outside those rows, B is packed like W ([N/32, k/2, 32, 2])
+struct Drafter {
+  const uint16_t* xa;
+  int64_t ldxa, k;
+  const uint16_t* b;
+  const float* row_scale;  // [M], or null: `scale` alone
+  float scale;
+  int64_t start, stop;
+};
+
+// the delta sums of a block's rows (already configured for them) against output tile t, into c2 [rows][32]
+inline void delta_block(const Drafter& d, int64_t rows, int64_t m0, int64_t t, float* c2) {
+  const bool two = rows > kTileRows;
+  _tile_zero(0);
+  _tile_zero(1);
+  if (two) { _tile_zero(2); _tile_zero(3); }
+  constexpr int64_t w_stride = kTile * kPair * 2;
+  const uint16_t* bt = d.b + t * (d.k / kPair) * kTile * kPair;
+  const uint16_t* xa = d.xa + m0 * d.ldxa;
+  for (int64_t k0 = 0; k0 < d.k; k0 += kStep) {
+    const uint16_t* bk = bt + (k0 / kPair) * kTile * kPair;
+    _tile_loadd(6, bk, w_stride);
+    _tile_loadd(7, bk + kTileRows * kPair, w_stride);
+    _tile_loadd(4, xa + k0, d.ldxa * 2);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (two) {
+      _tile_loadd(5, xa + kTileRows * d.ldxa + k0, d.ldxa * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c2, kTile * 4);
+  _tile_stored(1, c2 + kTileRows, kTile * 4);
+  if (two) {
+    _tile_stored(2, c2 + kTileRows * kTile, kTile * 4);
+    _tile_stored(3, c2 + kTileRows * kTile + kTileRows, kTile * 4);
+  }
+}
+
+// a block's outputs with the drafter's delta on its rows inside [start, stop): store_rows, then add_rows
+inline void put_drafted(const Drafter& d, const float* c, int64_t rows, int64_t m0, int64_t t, uint16_t* out,
+                        int64_t ldo) {
+  if (m0 + rows <= d.start || m0 >= d.stop) return store_rows(c, rows, out, ldo);
+  alignas(64) float c2[kTile * kTile];
+  delta_block(d, rows, m0, t, c2);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = m0 + r;
+    for (int h = 0; h < 2; ++h) {
+      uint16_t* y = out + r * ldo + kTileRows * h;
+      _mm256_storeu_si256((__m256i*)y, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c + r * kTile + kTileRows * h)));
+      if (row >= d.start && row < d.stop)
+        add_store16(_mm512_loadu_ps(c2 + r * kTile + kTileRows * h),
+                    d.row_scale ? d.scale * d.row_scale[row] : d.scale, y);
+    }
+  }
+}
+
 // out = x @ W^T, or with `add` out (the caller's y, in place) += scale * row_scale * (x @ W^T)
-at::Tensor amx_product(const at::Tensor& x, const at::Tensor& w, at::Tensor* add, float scale, const float* row_scale) {
+at::Tensor amx_product(const at::Tensor& x, const at::Tensor& w, at::Tensor* add, float scale, const float* row_scale,
+                       const Drafter* drafter = nullptr) {
   TORCH_CHECK(amx_ready(), "gemm_bf16_amx needs AMX, which this CPU or kernel does not grant");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "gemm_bf16_amx takes bf16 x [M, K]");
   TORCH_CHECK(w.dim() == 4 && w.size(2) == kTile && w.size(3) == kPair && w.is_contiguous() &&
@@ -127,6 +188,7 @@ at::Tensor amx_product(const at::Tensor& x, const at::Tensor& w, at::Tensor* add
   uint16_t* op = (uint16_t*)out.data_ptr();
   auto put = [&](const float* c, int64_t rows, int64_t m0, int64_t t) {
     if (add) add_rows(c, rows, op + m0 * ldo + t * kTile, ldo, scale, row_scale ? row_scale + m0 : nullptr);
+    else if (drafter) put_drafted(*drafter, c, rows, m0, t, op + m0 * ldo + t * kTile, ldo);
     else store_rows(c, rows, op + m0 * ldo + t * kTile, ldo);
   };
   const int64_t full = M / kTile * kTile, rest = M - full;  // blocks of 32 rows, then what is left
@@ -176,14 +238,47 @@ at::Tensor gemm_bf16_amx_add_(at::Tensor y, const at::Tensor& x, const at::Tenso
   return amx_product(x, w, &y, (float)scale, row_scale_ptr(row_scale, x.size(0)));
 }
 
+// The fused projection of a model with a LoRA drafter in one call: w packs the base rows (n_base, a whole
+// number of tiles) and then the drafter's A rows (k of them, a multiple of 32); b packs the B blocks
+// [n_base, k]. Returns the base outputs [M, n_base] with the delta added on rows [start, stop), scaled by
+// scale * row_scale[r - start] (row_scale [stop - start] or none): the bits of gemm_bf16_amx over w, then
+// gemm_bf16_amx_add_ of the A outputs through b on those rows, without the second pass over y.
+at::Tensor gemm_bf16_amx_drafted(const at::Tensor& x, const at::Tensor& w, int64_t n_base, const at::Tensor& b,
+                                 const c10::optional<at::Tensor>& row_scale, int64_t start, int64_t stop, double scale) {
+  TORCH_CHECK(w.dim() == 4 && n_base % kTile == 0 && n_base > 0 && n_base < w.size(0) * kTile,
+              "gemm_bf16_amx_drafted: the packed weights must hold whole tiles of base rows, then the A rows");
+  const int64_t M = x.size(0), base_tiles = n_base / kTile, k = (w.size(0) - base_tiles) * kTile;
+  TORCH_CHECK(b.dim() == 4 && b.size(0) == base_tiles && b.size(1) * kPair == k && b.is_contiguous() &&
+                  b.scalar_type() == at::kBFloat16,
+              "gemm_bf16_amx_drafted: b must pack the B blocks [n_base, k] for the A rows' k = ", k);
+  TORCH_CHECK(0 <= start && start <= stop && stop <= M, "gemm_bf16_amx_drafted: rows [", start, ", ", stop,
+              ") are not within the ", M, " rows of x");
+  const int64_t span = stop - start;
+  at::Tensor xa = at::zeros({M, k}, x.options()), scales;
+  if (span) xa.narrow(0, start, span).copy_(amx_product(x.narrow(0, start, span), w.narrow(0, base_tiles, k / kTile),
+                                                        nullptr, 1.0f, nullptr));
+  if (row_scale.has_value()) {
+    TORCH_CHECK(row_scale->scalar_type() == at::kFloat && row_scale->numel() == span,
+                "gemm_bf16_amx_drafted: row_scale needs one fp32 value per row in [start, stop)");
+    scales = at::zeros({M}, row_scale->options());
+    scales.narrow(0, start, span).copy_(row_scale->reshape({span}));
+  }
+  const Drafter d{(const uint16_t*)xa.data_ptr(), xa.stride(0), k, (const uint16_t*)b.data_ptr(),
+                  scales.defined() ? scales.data_ptr<float>() : nullptr, (float)scale, start, stop};
+  return amx_product(x, w.narrow(0, 0, base_tiles), nullptr, 1.0f, nullptr, &d);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tridlm, m) {
   m.def("gemm_bf16_amx(Tensor x, Tensor w) -> Tensor");
   m.def("gemm_bf16_amx_add_(Tensor(a!) y, Tensor x, Tensor w, Tensor? row_scale, float scale) -> Tensor(a!)");
+  m.def("gemm_bf16_amx_drafted(Tensor x, Tensor w, int n_base, Tensor b, Tensor? row_scale, int start, int stop, "
+        "float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tridlm, CPU, m) {
   m.impl("gemm_bf16_amx", gemm_bf16_amx);
   m.impl("gemm_bf16_amx_add_", gemm_bf16_amx_add_);
+  m.impl("gemm_bf16_amx_drafted", gemm_bf16_amx_drafted);
 }

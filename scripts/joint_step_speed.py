@@ -11,7 +11,8 @@ them before) and together. Every step is a real decode step (sampling and cache 
 `--join-prompt N` also times the AR batch's step in which a row with an N-token prompt joins (a fresh row
 each repeat, taken out after it): the prompt's prefill call beside the decoding rows' one-token call.
 Last, a row in the middle of the AR batch leaving and a new one joining (no step): what the batch's
-cache costs as requests end and start.
+cache costs as requests end and start. `--one-row` also times one AR row, one diffusion row, and the two in
+one forward.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-invariant", action="store_true", help="bf16 batch-invariant forwards")
     p.add_argument("--join-prompt", type=int, default=0, metavar="N",
                    help="also time the AR step in which a row with an N-token prompt joins")
+    p.add_argument("--one-row", action="store_true",
+                   help="also time one AR row, one diffusion row and the two in one forward (fresh batches)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -110,6 +113,13 @@ def main(argv=None) -> int:
                            model.config, tok))
 
             ms["ar_one_row_leaving_one_joining"] = timed(churn)
+            if args.one_row:  # a server's batches when one request of each runs
+                one_ar, one_diffusion = batch("ar", 1), batch("diffusion", 1)
+                for _ in range(5):
+                    step_together([one_ar, one_diffusion])
+                ms["ar_one_row"] = timed(one_ar.step)
+                ms["diffusion_one_row"] = timed(one_diffusion.step)
+                ms["one_ar_row_and_one_diffusion_row_together"] = timed(lambda: step_together([one_ar, one_diffusion]))
         return out
 
     out = off_this_thread(run)  # the timing thread holds the only OpenMP pool, as in the server

@@ -1,0 +1,81 @@
+"""tridlm's own CPU kernels alone, at the shapes the default model's forwards give them: the attention
+(`attend_bf16`: SmolLM2's 9 query heads over 3 key/value heads of 64, a decoding step's rows or a diffusion
+block's, over caches of a few lengths) and the AMX product (the 30 layers' q/k/v, o, gate/up and down
+weights, each its own memory, at several row counts). Medians of repeats, one process.
+
+    python scripts/kernel_micro.py --threads 2 --json out.json
+
+Run it with PYTHONPATH set to another checkout's src to time that checkout's kernels on the same shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+ATTENTION = ((1, 1, 40), (24, 1, 40), (8, 8, 40), (1, 1, 500), (24, 1, 200), (8, 8, 200))  # rows, new tokens, cache
+PRODUCT_ROWS = (1, 8, 24, 40, 88, 120)
+
+
+def median_us(f, repeats: int) -> float:
+    for _ in range(max(3, repeats // 10)):
+        f()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e6
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from tridlm import native
+    from tridlm.machine import cpu_name
+
+    if native.unavailable():
+        print(f"tridlm.native unavailable here: {native.unavailable()}", file=sys.stderr)
+        return 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "attention_us": {}, "products_ms": {}}
+    H, Hkv, D = 9, 3, 64
+    for B, T, n in ATTENTION:  # q and the new keys/values as a forward's transposed views
+        q = torch.randn(B, T, H, D).bfloat16().transpose(1, 2)
+        k_cache, v_cache = (torch.randn(B, Hkv, n + 64, D).bfloat16() for _ in range(2))
+        k_new, v_new = (torch.randn(B, T, Hkv, D).bfloat16().transpose(1, 2) for _ in range(2))
+        lengths, mask = torch.full((B,), n), torch.ones(B, T, T, dtype=torch.bool)
+        call = (q, k_cache, v_cache, lengths, k_new, v_new, mask, D ** -0.5)
+        out["attention_us"][f"{B} rows x {T} tokens, cache {n}"] = median_us(
+            lambda call=call: torch.ops.tridlm.attend_bf16(*call), 300)
+    if native.amx_unavailable() is None:
+        hidden, ffn, kv = 576, 1536, 192
+        shapes = [(hidden + 2 * kv + hidden, hidden), (hidden, hidden), (2 * ffn, hidden), (hidden, ffn)]
+        layers = [[native.pack(torch.randn(n, k).bfloat16()) for n, k in shapes] for _ in range(30)]
+        for rows in PRODUCT_ROWS:
+            xs = {k: torch.randn(rows, k).bfloat16() for k in (hidden, ffn)}
+
+            def products(xs=xs):
+                for ws in layers:
+                    for (_, k), w in zip(shapes, ws, strict=True):
+                        torch.ops.tridlm.gemm_bf16_amx(xs[k], w)
+
+            out["products_ms"][f"{rows} rows"] = median_us(products, 11) / 1e3
+    print(json.dumps(out, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

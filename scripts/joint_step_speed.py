@@ -18,7 +18,6 @@ one forward.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -47,6 +46,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from tridlm.bench.report import record
     from tridlm.decoding import DecodeBatch, GenerationParams, Row
     from tridlm.decoding.batch import step_together
     from tridlm.default_model import resolve_model
@@ -123,12 +123,9 @@ def main(argv=None) -> int:
         return out
 
     out = off_this_thread(run)  # the timing thread holds the only OpenMP pool, as in the server
-    print(json.dumps(out, indent=1))
+    record(out, args.json)
     print(f"apart {out['ms']['apart']:.1f} ms, together {out['ms']['together']:.1f} ms "
           f"({out['ms']['apart'] / out['ms']['together']:.2f}x)", file=sys.stderr)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
     return 0
 
 

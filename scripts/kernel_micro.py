@@ -11,24 +11,19 @@ Run it with PYTHONPATH set to another checkout's src to time that checkout's ker
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
 
 ATTENTION = ((1, 1, 40), (24, 1, 40), (8, 8, 40), (1, 1, 500), (24, 1, 200), (8, 8, 200))  # rows, new tokens, cache
 PRODUCT_ROWS = (1, 8, 24, 40, 88, 120)
 
 
 def median_us(f, repeats: int) -> float:
-    for _ in range(max(3, repeats // 10)):
+    """Median microseconds of f() after a few untimed calls (tridlm.kernels.median_seconds after one)."""
+    from tridlm.kernels import median_seconds
+
+    for _ in range(max(2, repeats // 10)):
         f()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e6
+    return median_seconds(f, repeats) * 1e6
 
 
 def main(argv=None) -> int:
@@ -40,6 +35,7 @@ def main(argv=None) -> int:
     import torch
 
     from tridlm import native
+    from tridlm.bench.report import record
     from tridlm.machine import cpu_name
 
     if native.unavailable():
@@ -70,10 +66,7 @@ def main(argv=None) -> int:
                         torch.ops.tridlm.gemm_bf16_amx(xs[k], w)
 
             out["products_ms"][f"{rows} rows"] = median_us(products, 11) / 1e3
-    print(json.dumps(out, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    record(out, args.json)
     return 0
 
 

@@ -8,6 +8,14 @@ from pathlib import Path
 PLOTS = ("tpf_vs_quality.png", "acceptance_histogram.png", "tokens_per_s_vs_block_length.png", "cost_profile.png")
 
 
+def record(out: dict, path: str | None = None) -> None:
+    """A script's results: as JSON on stdout and, given a path, in that file."""
+    print(json.dumps(out, indent=1))
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
 def _f(x, fmt="{:.2f}", none="–") -> str:
     return none if x is None else fmt.format(x)
 

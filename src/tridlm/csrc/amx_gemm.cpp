@@ -118,34 +118,14 @@ struct Drafter {
   int64_t start, stop;
 };
 
-// the delta sums of a block's rows (already configured for them) against output tile t, into c2 [rows][32]
+// the delta sums of a block's rows (already configured for them) against output tile t, into c2 [rows][32]:
+// a block of xa against B's tile, nothing to ask ahead
 inline void delta_block(const Drafter& d, int64_t rows, int64_t m0, int64_t t, float* c2) {
-  const bool two = rows > kTileRows;
-  _tile_zero(0);
-  _tile_zero(1);
-  if (two) { _tile_zero(2); _tile_zero(3); }
-  constexpr int64_t w_stride = kTile * kPair * 2;
-  const uint16_t* bt = d.b + t * (d.k / kPair) * kTile * kPair;
+  Ahead none{nullptr, nullptr};
   const uint16_t* xa = d.xa + m0 * d.ldxa;
-  for (int64_t k0 = 0; k0 < d.k; k0 += kStep) {
-    const uint16_t* bk = bt + (k0 / kPair) * kTile * kPair;
-    _tile_loadd(6, bk, w_stride);
-    _tile_loadd(7, bk + kTileRows * kPair, w_stride);
-    _tile_loadd(4, xa + k0, d.ldxa * 2);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    if (two) {
-      _tile_loadd(5, xa + kTileRows * d.ldxa + k0, d.ldxa * 2);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-  _tile_stored(0, c2, kTile * 4);
-  _tile_stored(1, c2 + kTileRows, kTile * 4);
-  if (two) {
-    _tile_stored(2, c2 + kTileRows * kTile, kTile * 4);
-    _tile_stored(3, c2 + kTileRows * kTile + kTileRows, kTile * 4);
-  }
+  const uint16_t* bt = d.b + t * (d.k / kPair) * kTile * kPair;
+  if (rows > kTileRows) block<true>(xa, d.ldxa, bt, d.k, c2, none);
+  else block<false>(xa, d.ldxa, bt, d.k, c2, none);
 }
 
 // a block's outputs with the drafter's delta on its rows inside [start, stop): store_rows, then add_rows

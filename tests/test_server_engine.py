@@ -223,3 +223,20 @@ def test_auto_mode_stops_speculating_when_drafts_are_rejected(model):
         collect(req)
     finally:
         engine.close()
+
+
+def test_a_request_that_does_not_stream_gets_no_deltas_and_its_rows_whole(model):
+    """stream=False: nothing is sent for a row until it ends; its Finished event then carries the row's text,
+    and its ids are the ones a streaming request's Deltas carry."""
+    engine = Engine(model, config=EngineConfig(max_running=4))
+    try:
+        params = GenerationParams(mode="ar", max_new_tokens=9, ignore_eos=True)
+        streamed = engine.submit(prompts(1, seed=5), params, n=2)
+        whole = engine.submit(prompts(1, seed=5), params, n=2, stream=False)
+        events = list(whole.iter_events(timeout=60))
+        assert [type(e) for e in events] == [Finished, Finished]
+        assert all(e.text == whole.rows[e.index].text for e in events)
+        ids, reasons, failed = collect(streamed)
+        assert ids == [list(r.output) for r in whole.rows] and reasons == ["length"] * 2 and failed is None
+    finally:
+        engine.close()

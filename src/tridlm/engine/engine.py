@@ -106,11 +106,12 @@ class Engine:
 
     def submit(self, prompts: list[list[int]], params: GenerationParams, n: int = 1,
                loop: asyncio.AbstractEventLoop | None = None, kind: str = "generate", client: str = "",
-               **row_options) -> Request:
+               stream: bool = True, **row_options) -> Request:
         """Validate and queue one request: len(prompts) x n rows, row i seeded with params.seed + i.
 
         kind and row_options: what each row is (`tridlm.rows.make_row`): a continuation of its prompt by
         default, or an infill (suffix_ids=...), a revision. client: who sent it (fair shares are per client).
+        stream: Delta events as the text is made (else each row's text comes in its Finished event).
 
         Raises GenerationError (bad parameters or prompt, or a request costlier than the engine takes),
         QueueFull, or EngineClosed; never blocks.
@@ -145,7 +146,7 @@ class Engine:
                                   f"forward width of its mode, per row); the limit is {c.max_request_cost}: lower "
                                   "max_tokens, n or block_length")
         req = Request(rows, mode, AUTO if auto_block else block, auto_mode, loop, on_cancel=self.scheduler.cancel,
-                      rebuild_rows=rows_for if auto_block else None, client=client, asked_mode=asked)
+                      rebuild_rows=rows_for if auto_block else None, client=client, asked_mode=asked, stream=stream)
         self.scheduler.enqueue(req)
         return req
 

@@ -33,6 +33,7 @@ class Finished:
     index: int
     reason: str  # "eos" | "length" | "stop"
     metrics: RowMetrics
+    text: str | None = None  # the row's whole text, for a request that does not stream (it got no Delta)
 
 
 @dataclass
@@ -44,14 +45,42 @@ class Failed:
 _ids = itertools.count(1)
 
 
+class Outbox:
+    """One engine step's events, handed to each event loop in one call: one wake-up of the server's loop a
+    step, not one per request and event (each takes the interpreter from the engine's thread)."""
+
+    def __init__(self):
+        self.pending: dict[asyncio.AbstractEventLoop, list] = {}  # loop -> [(put, event)] in order
+
+    def flush(self) -> None:
+        for loop, items in self.pending.items():
+            _hand_over(loop, items)
+        self.pending = {}
+
+
+def _put_all(items) -> None:
+    for put, event in items:
+        put(event)
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, items) -> None:
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the event loop is gone (server shutting down): nobody listens
+        pass
+
+
 class Request:
     """A submitted request: its rows (one per prompt x n), the mode it runs in, and its event queue."""
 
     def __init__(self, rows: list[Row], mode: str, block_length: int | str, auto_mode: bool,
                  loop: asyncio.AbstractEventLoop | None, on_cancel: Callable[[Request], None],
                  rebuild_rows: Callable[[int], list[Row]] | None = None, client: str = "",
-                 asked_mode: str | None = None):
+                 asked_mode: str | None = None, stream: bool = True):
         self.id = next(_ids)
+        # whether the reader takes the text as it is made (Delta events); without, each row's text comes once,
+        # in its Finished event, and nothing is decoded or sent for the row before it ends
+        self.stream = stream
         self.rows = rows
         self.client = client  # who sent it (the server names the connection): the scheduler's unit of fairness
         self.mode = mode  # what runs
@@ -72,15 +101,15 @@ class Request:
         """Stop decoding this request and free its cache rows (takes effect before the next step)."""
         self._on_cancel(self)
 
-    def send(self, event) -> None:
-        """Hand an event to whoever reads this request; safe from any thread."""
+    def send(self, event, outbox: Outbox | None = None) -> None:
+        """Hand an event to whoever reads this request; safe from any thread. With an `outbox` the event waits
+        there, to reach its event loop together with the others of the same step."""
         if self._loop is None:
             self._queue.put(event)
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the event loop is gone (server shutting down): nobody listens
-            pass
+        elif outbox is not None:
+            outbox.pending.setdefault(self._loop, []).append((self._queue.put_nowait, event))
+        else:
+            _hand_over(self._loop, [(self._queue.put_nowait, event)])
 
     async def events(self):
         """Events until every row has finished (or a Failed); needs `submit(..., loop=...)`."""

@@ -26,7 +26,7 @@ import time
 from ..decoding import DecodeBatch
 from ..decoding.batch import step_together
 from ..decoding.params import forward_width
-from .request import AUTO, Delta, Finished, Request
+from .request import AUTO, Delta, Finished, Outbox, Request
 from .scheduler import Scheduler
 
 log = logging.getLogger("tridlm.engine")
@@ -130,8 +130,10 @@ class Runner:
             self.pace[k] = self.solo.get(k, took * n / max(1, sum(tokens)) / rows)
             self.busy[k] += self.pace[k]
         self.scheduler.count_forward(sum(sizes))
+        outbox = Outbox()
         for req in list(self.scheduler.running):
-            self.deliver(req)
+            self.deliver(req, outbox)
+        outbox.flush()
 
     def participants(self, live: list[int]) -> list[int]:
         """The batches that step together this time: the one whose rows have moved on least, and every other
@@ -153,20 +155,24 @@ class Runner:
             self.busy.setdefault(k, floor)
         return min(live, key=lambda k: (self.busy[k], k))
 
-    def deliver(self, req: Request) -> None:
-        """Send what each row made final; finish the request when all its rows are done."""
+    def deliver(self, req: Request, outbox: Outbox | None = None) -> None:
+        """Send what each row made final (through `outbox` when given); finish the request when all its rows
+        are done."""
         now = time.perf_counter()
         for i, r in enumerate(req.rows):
             if i in req.finished_rows:
                 continue
-            ids, text = r.take_ids(), r.take_text()
-            if ids or text:
-                if req.first_token is None and ids:
-                    req.first_token = now
-                req.send(Delta(i, text, ids))
+            if req.stream:
+                ids, text = r.take_ids(), r.take_text()
+                if ids or text:
+                    if req.first_token is None and ids:
+                        req.first_token = now
+                    req.send(Delta(i, text, ids), outbox)
+            elif req.first_token is None and r.output:
+                req.first_token = now
             if r.finished:
                 req.finished_rows.add(i)
                 self.scheduler.count_row(req, r)
-                req.send(Finished(i, r.finish_reason, r.metrics))
+                req.send(Finished(i, r.finish_reason, r.metrics, None if req.stream else r.text), outbox)
         if len(req.finished_rows) == len(req.rows):
             self.scheduler.finish(req)

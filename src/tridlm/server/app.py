@@ -175,10 +175,11 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
         c = request.client
         return f"{c.host}:{c.port}" if c else "unknown"
 
-    def submit(request: Request, prompts: list[list[int]], params, n: int, kind: str = "generate", **row_options):
+    def submit(request: Request, prompts: list[list[int]], params, n: int, kind: str = "generate", stream: bool = True,
+               **row_options):
         try:
             return engine.submit(prompts, params, n=n, loop=asyncio.get_running_loop(), kind=kind,
-                                 client=client_of(request), **row_options)
+                                 client=client_of(request), stream=stream, **row_options)
         except GenerationError as e:
             raise invalid(str(e)) from None
         except QueueFull as e:
@@ -187,7 +188,7 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
             raise APIError(503, str(e)) from None
 
     async def run(request: Request, body, prompts, params, chat: bool, kind: str = "generate", **row_options):
-        req = submit(request, prompts, params, body.n or 1, kind, **row_options)
+        req = submit(request, prompts, params, body.n or 1, kind, bool(body.stream), **row_options)
         fmt = Formatter(chat, config.model_name, req.mode)
         lengths = [len(p) for p in prompts]
         if body.stream:
@@ -211,6 +212,8 @@ def create_app(model, tokenizer=None, config: ServerConfig | None = None, engine
                     texts[ev.index] += ev.text
                 elif isinstance(ev, Finished):
                     reasons[ev.index], metrics[ev.index] = ev.reason, ev.metrics
+                    if ev.text is not None:  # a request that does not stream gets its text here, whole
+                        texts[ev.index] = ev.text
                 elif isinstance(ev, Failed):
                     if ev.reason == "cancelled":  # the client left: nobody reads this answer
                         raise APIError(499, "the client closed the request")

@@ -7,13 +7,14 @@ row computes what it would alone (the batch contract), so a request's greedy out
 on what else runs -- up to near ties: a batch is a wider forward whose kernels round differently, so
 at a position whose top-2 logit gap is below the error bound of `tridlm.numerics` (README, "What is
 exact") a request may get the other of two near-equal tokens. Output goes to each request's own
-event queue as soon as the row makes it final (an asyncio queue fed with `call_soon_threadsafe`, or a
-plain thread-safe queue).
+event queue as soon as the row makes it final (an asyncio queue, fed once a step for all requests on one
+event loop, or a plain thread-safe queue); a request submitted with stream=False gets no Deltas, only
+each row's whole text in its Finished event.
 
     engine = Engine(model, tokenizer, EngineConfig(max_running=16))
     req = engine.submit([prompt_ids], GenerationParams(mode="auto", max_new_tokens=64))
     for event in req.iter_events():   # or `async for event in req.events()` with submit(loop=...)
-        ...                            # Delta(index, text, ids) | Finished(index, reason, metrics) | Failed
+        ...                            # Delta(index, text, ids) | Finished(index, reason, metrics, text) | Failed
     engine.close()
 
 `mode="auto"` is decided at submission from the load (rows running or waiting), from the acceptance

@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .native import TILE_ROWS
+
 INT4_GROUP = 32  # inputs per int4 scale/offset pair, as in GGUF's Q4_1 blocks
 INT4_ROWS = 16  # the kernel's packing takes a multiple of this many output rows
 QUANTIZED = ("int8", "int4")
@@ -312,13 +314,18 @@ class FusedProjections:
             return y + (delta if isinstance(gate, str) else delta * gate)
         packed, _ = self._quantized("native-b")
         ys, xs = y.view(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1])
-        row_scale = rows = None
-        if not isinstance(gate, str):  # the mask over the drafts' span only: every other token's gate is 0
-            row_scale, rows = self._gate_src.row_scale(), self._gate_src.rows
+        row_scale, rows = self._draft_span(gate)
         if rows is not None:
             ys, xs = ys[rows], xs[rows]
         OWN_PRODUCTS_ADD[kernel](ys, xs, packed, row_scale, self._scaling)
         return y
+
+    def _draft_span(self, gate) -> tuple[torch.Tensor | None, slice | None]:
+        """(the gate as one fp32 scale per token of the span, the span of tokens holding the drafts) for the
+        delta: (None, None) when every token is a draft; outside the span every token's gate is 0."""
+        if isinstance(gate, str):
+            return None, None
+        return self._gate_src.row_scale(), self._gate_src.rows
 
     def _drafted_product(self, x: torch.Tensor, gate) -> torch.Tensor:
         """The base outputs with the drafter's delta on the draft tokens in one AMX call (gemm_bf16_amx_drafted):
@@ -326,11 +333,8 @@ class FusedProjections:
         flat = x.reshape(-1, x.shape[-1])
         packed, _ = self._quantized("native-bf16")
         b, _ = self._quantized("native-b")
-        start, stop, row_scale = 0, flat.shape[0], None
-        if not isinstance(gate, str):  # the mask over the drafts' span only: every other token's gate is 0
-            row_scale, rows = self._gate_src.row_scale(), self._gate_src.rows
-            if rows is not None:
-                start, stop = rows.start, rows.stop
+        row_scale, rows = self._draft_span(gate)
+        start, stop = (0, flat.shape[0]) if rows is None else (rows.start, rows.stop)
         y = torch.ops.tridlm.gemm_bf16_amx_drafted(flat, packed, self._n_base, b, row_scale, start, stop,
                                                    self._scaling)
         return y.view(*x.shape[:-1], -1)
@@ -396,7 +400,7 @@ class FusedProjections:
         else:  # drafts among base tokens (or all, batch-invariant): base tokens keep the base model's products
             own = self._own_kernel_for_both(quant)
             if own == "amx" and self._drafter_kernel(native) == "amx" and x.dtype == torch.bfloat16 \
-                    and (self._weight.shape[0] - self._n_base) % 32 == 0:  # the A rows fill whole tiles
+                    and (self._weight.shape[0] - self._n_base) % TILE_ROWS == 0:  # the A rows fill whole tiles
                 y = self._drafted_product(x, gate)
                 return list(y.split(self._splits, dim=-1)) if len(self._splits) > 1 else [y]
             if own:  # each of the kernel's output tiles is summed alone: one product, the base tiles' bits

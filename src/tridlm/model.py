@@ -119,11 +119,10 @@ class Attention(nn.Module):
     def in_one_call(self, part: _Part, q: torch.Tensor) -> bool:
         """Whether tridlm.native's attend_part_bf16 takes this part: its rotary embedding, cache write and attention
         in one call, with the bits of the rotary formula (rope_bf16's), kv_write and attend_bf16 -- wherever
-        attend_native would serve it, outside compiled graphs."""
+        attend_native would serve it (bf16 inference: `_part` decided), outside compiled graphs and without
+        Llama-4 query scaling."""
         ctx = part.ctx
-        return (ctx.native_attention and not ctx.static and part.q_scale is None
-                and q.dtype == torch.bfloat16 and part.cos.shape[0] == part.B and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling())
+        return ctx.native_attention and not ctx.static and part.q_scale is None and not torch.compiler.is_compiling()
 
     def attend_parts(self, q, k, v, parts: list[_Part], layer: int) -> torch.Tensor:
         """Every part's attention through attend_part_bf16, each writing its span of one output [.., T, heads x dim]

@@ -1,7 +1,8 @@
 """tridlm's own CPU kernels alone, at the shapes the default model's forwards give them: the attention
 (`attend_bf16`: SmolLM2's 9 query heads over 3 key/value heads of 64, a decoding step's rows or a diffusion
 block's, over caches of a few lengths) and the AMX product (the 30 layers' q/k/v, o, gate/up and down
-weights, each its own memory, at several row counts). Medians of repeats, one process.
+weights, each its own memory, at several row counts; then the same with a rank-32 LoRA drafter's delta on the
+last rows, `gemm_bf16_amx_drafted`). Medians of repeats, one process.
 
     python scripts/kernel_micro.py --threads 2 --json out.json
 
@@ -15,6 +16,8 @@ import sys
 
 ATTENTION = ((1, 1, 40), (24, 1, 40), (8, 8, 40), (1, 1, 500), (24, 1, 200), (8, 8, 200))  # rows, new tokens, cache
 PRODUCT_ROWS = (1, 8, 24, 40, 88, 120)
+DRAFTED = ((1, 1), (8, 8), (40, 8), (88, 64))  # rows, of which drafts (the last ones): spec, diffusion, a loaded step
+RANK = 32  # the default model's drafter
 
 
 def median_us(f, repeats: int) -> float:
@@ -66,6 +69,21 @@ def main(argv=None) -> int:
                         torch.ops.tridlm.gemm_bf16_amx(xs[k], w)
 
             out["products_ms"][f"{rows} rows"] = median_us(products, 11) / 1e3
+        # the same layers' base outputs with a LoRA drafter's delta on the draft rows (gemm_bf16_amx_drafted)
+        base = [(hidden + 2 * kv, hidden), (hidden, hidden), (2 * ffn, hidden), (hidden, ffn)]
+        drafted = [[(native.pack(torch.randn(n + RANK, k).bfloat16()), native.pack(torch.randn(n, RANK).bfloat16()))
+                    for n, k in base] for _ in range(30)]
+        out["drafted_products_ms"] = {}
+        for rows, drafts in DRAFTED:
+            xs = {k: torch.randn(rows, k).bfloat16() for k in (hidden, ffn)}
+            gate = torch.ones(drafts)
+
+            def products(xs=xs, gate=gate, rows=rows, drafts=drafts):
+                for ws in drafted:
+                    for (n, k), (w, b) in zip(base, ws, strict=True):
+                        torch.ops.tridlm.gemm_bf16_amx_drafted(xs[k], w, n, b, gate, rows - drafts, rows, 2.0)
+
+            out["drafted_products_ms"][f"{rows} rows, {drafts} drafts"] = median_us(products, 11) / 1e3
     record(out, args.json)
     return 0
 

@@ -106,49 +106,18 @@ inline void add_rows(const float* c, int64_t rows, uint16_t* out, int64_t ldo, f
   }
 }
 
-// A LoRA drafter's delta, added in the product's epilogue: rows [start, stop) get y = round(round(x W^T) +
-// scale * row_scale[r] * (xa B^T)), the bits gemm_bf16_amx_add_ gives after the plain product; xa [M, k] holds
-// zeros outside those rows, B is packed like W ([N/32, k/2, 32, 2])
-struct Drafter {
-  const uint16_t* xa;
-  int64_t ldxa, k;
-  const uint16_t* b;
-  const float* row_scale;  // [M], or null: `scale` alone
-  float scale;
-  int64_t start, stop;
+// Where output tiles from `first` on go instead of the product's own output (the drafter's A rows: see
+// gemm_bf16_amx_drafted): rows of ld elements from out
+struct Rest {
+  int64_t first;
+  uint16_t* out;
+  int64_t ld;
 };
 
-// the delta sums of a block's rows (already configured for them) against output tile t, into c2 [rows][32]:
-// a block of xa against B's tile, nothing to ask ahead
-inline void delta_block(const Drafter& d, int64_t rows, int64_t m0, int64_t t, float* c2) {
-  Ahead none{nullptr, nullptr};
-  const uint16_t* xa = d.xa + m0 * d.ldxa;
-  const uint16_t* bt = d.b + t * (d.k / kPair) * kTile * kPair;
-  if (rows > kTileRows) block<true>(xa, d.ldxa, bt, d.k, c2, none);
-  else block<false>(xa, d.ldxa, bt, d.k, c2, none);
-}
-
-// a block's outputs with the drafter's delta on its rows inside [start, stop): store_rows, then add_rows
-inline void put_drafted(const Drafter& d, const float* c, int64_t rows, int64_t m0, int64_t t, uint16_t* out,
-                        int64_t ldo) {
-  if (m0 + rows <= d.start || m0 >= d.stop) return store_rows(c, rows, out, ldo);
-  alignas(64) float c2[kTile * kTile];
-  delta_block(d, rows, m0, t, c2);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t row = m0 + r;
-    for (int h = 0; h < 2; ++h) {
-      uint16_t* y = out + r * ldo + kTileRows * h;
-      _mm256_storeu_si256((__m256i*)y, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c + r * kTile + kTileRows * h)));
-      if (row >= d.start && row < d.stop)
-        add_store16(_mm512_loadu_ps(c2 + r * kTile + kTileRows * h),
-                    d.row_scale ? d.scale * d.row_scale[row] : d.scale, y);
-    }
-  }
-}
-
-// out = x @ W^T, or with `add` out (the caller's y, in place) += scale * row_scale * (x @ W^T)
+// out = x @ W^T, or with `add` out (the caller's y, in place) += scale * row_scale * (x @ W^T); with `rest`
+// the output tiles from rest->first on land in rest->out
 at::Tensor amx_product(const at::Tensor& x, const at::Tensor& w, at::Tensor* add, float scale, const float* row_scale,
-                       const Drafter* drafter = nullptr) {
+                       const Rest* rest_tiles = nullptr) {
   TORCH_CHECK(amx_ready(), "gemm_bf16_amx needs AMX, which this CPU or kernel does not grant");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "gemm_bf16_amx takes bf16 x [M, K]");
   TORCH_CHECK(w.dim() == 4 && w.size(2) == kTile && w.size(3) == kPair && w.is_contiguous() &&
@@ -159,7 +128,8 @@ at::Tensor amx_product(const at::Tensor& x, const at::Tensor& w, at::Tensor* add
   TORCH_CHECK(K % kStep == 0, "gemm_bf16_amx takes a multiple of ", kStep, " inputs, not ", K);
   at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   const int64_t ldx = xc.stride(0);
-  at::Tensor out = add ? *add : at::empty({M, N}, x.options());
+  const int64_t own_tiles = rest_tiles ? rest_tiles->first : tiles;
+  at::Tensor out = add ? *add : at::empty({M, own_tiles * kTile}, x.options());
   if (add) check_addend(out, M, N);
   const int64_t ldo = out.stride(0);
   if (M == 0) return out;
@@ -168,7 +138,8 @@ at::Tensor amx_product(const at::Tensor& x, const at::Tensor& w, at::Tensor* add
   uint16_t* op = (uint16_t*)out.data_ptr();
   auto put = [&](const float* c, int64_t rows, int64_t m0, int64_t t) {
     if (add) add_rows(c, rows, op + m0 * ldo + t * kTile, ldo, scale, row_scale ? row_scale + m0 : nullptr);
-    else if (drafter) put_drafted(*drafter, c, rows, m0, t, op + m0 * ldo + t * kTile, ldo);
+    else if (t >= own_tiles) store_rows(c, rows, rest_tiles->out + m0 * rest_tiles->ld + (t - own_tiles) * kTile,
+                                        rest_tiles->ld);
     else store_rows(c, rows, op + m0 * ldo + t * kTile, ldo);
   };
   const int64_t full = M / kTile * kTile, rest = M - full;  // blocks of 32 rows, then what is left
@@ -218,11 +189,14 @@ at::Tensor gemm_bf16_amx_add_(at::Tensor y, const at::Tensor& x, const at::Tenso
   return amx_product(x, w, &y, (float)scale, row_scale_ptr(row_scale, x.size(0)));
 }
 
-// The fused projection of a model with a LoRA drafter in one call: w packs the base rows (n_base, a whole
-// number of tiles) and then the drafter's A rows (k of them, a multiple of 32); b packs the B blocks
-// [n_base, k]. Returns the base outputs [M, n_base] with the delta added on rows [start, stop), scaled by
-// scale * row_scale[r - start] (row_scale [stop - start] or none): the bits of gemm_bf16_amx over w, then
-// gemm_bf16_amx_add_ of the A outputs through b on those rows, without the second pass over y.
+// The fused projection of a model with a LoRA drafter: w packs the base rows (n_base, a whole number of tiles)
+// and then the drafter's A rows (k of them, a multiple of 32); b packs the B blocks [n_base, k]. Returns the
+// base outputs [M, n_base] with the delta added on rows [start, stop), scaled by scale * row_scale[r - start]
+// (row_scale [stop - start] or none): the bits of gemm_bf16_amx over w, then gemm_bf16_amx_add_ of the A
+// outputs through b on those rows. Two passes, each over every thread: one product over base and A rows
+// (the A outputs kept apart, in bf16), then the delta's products (one input step each) added onto the span.
+// Adding each block's delta in the first pass's epilogue instead left its short product's latency bare at
+// every output tile: 1.5-2x this time on the default model's shapes.
 at::Tensor gemm_bf16_amx_drafted(const at::Tensor& x, const at::Tensor& w, int64_t n_base, const at::Tensor& b,
                                  const c10::optional<at::Tensor>& row_scale, int64_t start, int64_t stop, double scale) {
   TORCH_CHECK(w.dim() == 4 && n_base % kTile == 0 && n_base > 0 && n_base < w.size(0) * kTile,
@@ -234,18 +208,19 @@ at::Tensor gemm_bf16_amx_drafted(const at::Tensor& x, const at::Tensor& w, int64
   TORCH_CHECK(0 <= start && start <= stop && stop <= M, "gemm_bf16_amx_drafted: rows [", start, ", ", stop,
               ") are not within the ", M, " rows of x");
   const int64_t span = stop - start;
-  at::Tensor xa = at::zeros({M, k}, x.options()), scales;
-  if (span) xa.narrow(0, start, span).copy_(amx_product(x.narrow(0, start, span), w.narrow(0, base_tiles, k / kTile),
-                                                        nullptr, 1.0f, nullptr));
+  at::Tensor scales;
   if (row_scale.has_value()) {
     TORCH_CHECK(row_scale->scalar_type() == at::kFloat && row_scale->numel() == span,
                 "gemm_bf16_amx_drafted: row_scale needs one fp32 value per row in [start, stop)");
-    scales = at::zeros({M}, row_scale->options());
-    scales.narrow(0, start, span).copy_(row_scale->reshape({span}));
+    scales = row_scale->reshape({span}).contiguous();
   }
-  const Drafter d{(const uint16_t*)xa.data_ptr(), xa.stride(0), k, (const uint16_t*)b.data_ptr(),
-                  scales.defined() ? scales.data_ptr<float>() : nullptr, (float)scale, start, stop};
-  return amx_product(x, w.narrow(0, 0, base_tiles), nullptr, 1.0f, nullptr, &d);
+  if (!span) return amx_product(x, w.narrow(0, 0, base_tiles), nullptr, 1.0f, nullptr);
+  at::Tensor xa = at::empty({M, k}, x.options());
+  const Rest a_rows{base_tiles, (uint16_t*)xa.data_ptr(), k};
+  at::Tensor y = amx_product(x, w, nullptr, 1.0f, nullptr, &a_rows);
+  at::Tensor drafts = y.narrow(0, start, span);
+  amx_product(xa.narrow(0, start, span), b, &drafts, (float)scale, scales.defined() ? scales.data_ptr<float>() : nullptr);
+  return y;
 }
 
 }  // namespace

@@ -329,7 +329,7 @@ class FusedProjections:
 
     def _drafted_product(self, x: torch.Tensor, gate) -> torch.Tensor:
         """The base outputs with the drafter's delta on the draft tokens in one AMX call (gemm_bf16_amx_drafted):
-        the bits of the product over base and A rows followed by _add_drafter, without a second pass over y."""
+        the bits of the product over base and A rows followed by _add_drafter, without Python between them."""
         flat = x.reshape(-1, x.shape[-1])
         packed, _ = self._quantized("native-bf16")
         b, _ = self._quantized("native-b")

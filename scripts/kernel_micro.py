@@ -16,7 +16,8 @@ import sys
 
 ATTENTION = ((1, 1, 40), (24, 1, 40), (8, 8, 40), (1, 1, 500), (24, 1, 200), (8, 8, 200))  # rows, new tokens, cache
 PRODUCT_ROWS = (1, 8, 24, 40, 88, 120)
-DRAFTED = ((1, 1), (8, 8), (40, 8), (88, 64))  # rows, of which drafts (the last ones): spec, diffusion, a loaded step
+# rows, of which drafts (the last ones): one token; one diffusion block; 32 AR rows and one block; 24 AR rows and 8
+DRAFTED = ((1, 1), (8, 8), (40, 8), (88, 64))
 RANK = 32  # the default model's drafter
 
 
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
             lambda call=call: torch.ops.tridlm.attend_bf16(*call), 300)
     if native.amx_unavailable() is None:
         hidden, ffn, kv = 576, 1536, 192
-        shapes = [(hidden + 2 * kv + hidden, hidden), (hidden, hidden), (2 * ffn, hidden), (hidden, ffn)]
+        shapes = [(hidden + 2 * kv, hidden), (hidden, hidden), (2 * ffn, hidden), (hidden, ffn)]  # outputs, inputs
         layers = [[native.pack(torch.randn(n, k).bfloat16()) for n, k in shapes] for _ in range(30)]
         for rows in PRODUCT_ROWS:
             xs = {k: torch.randn(rows, k).bfloat16() for k in (hidden, ffn)}
@@ -70,9 +71,8 @@ def main(argv=None) -> int:
 
             out["products_ms"][f"{rows} rows"] = median_us(products, 11) / 1e3
         # the same layers' base outputs with a LoRA drafter's delta on the draft rows (gemm_bf16_amx_drafted)
-        base = [(hidden + 2 * kv, hidden), (hidden, hidden), (2 * ffn, hidden), (hidden, ffn)]
         drafted = [[(native.pack(torch.randn(n + RANK, k).bfloat16()), native.pack(torch.randn(n, RANK).bfloat16()))
-                    for n, k in base] for _ in range(30)]
+                    for n, k in shapes] for _ in range(30)]
         out["drafted_products_ms"] = {}
         for rows, drafts in DRAFTED:
             xs = {k: torch.randn(rows, k).bfloat16() for k in (hidden, ffn)}
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
 
             def products(xs=xs, gate=gate, rows=rows, drafts=drafts):
                 for ws in drafted:
-                    for (n, k), (w, b) in zip(base, ws, strict=True):
+                    for (n, k), (w, b) in zip(shapes, ws, strict=True):
                         torch.ops.tridlm.gemm_bf16_amx_drafted(xs[k], w, n, b, gate, rows - drafts, rows, 2.0)
 
             out["drafted_products_ms"][f"{rows} rows, {drafts} drafts"] = median_us(products, 11) / 1e3
